@@ -1,0 +1,50 @@
+"""neusub: branch-level structural re-parameterization with Neural Substitution."""
+
+from .deploy import check_equivalence, deploy
+from .layers import CONNECTIVITIES, RepConv2d, RepLinear
+from .recipes import Recipe, list_recipes
+from .streams import (
+    Add,
+    Gate,
+    GuidedActivation,
+    GuidedMaxPool2d,
+    PerStream,
+    SqueezeExcite,
+    StreamAdd,
+    StreamBatchNorm2d,
+    StreamDropout,
+    StreamDropPath,
+    StreamGate,
+    StreamMerge,
+    StreamModule,
+    StreamSequential,
+    list_activations,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONNECTIVITIES",
+    "Add",
+    "Gate",
+    "GuidedActivation",
+    "GuidedMaxPool2d",
+    "PerStream",
+    "Recipe",
+    "RepConv2d",
+    "RepLinear",
+    "SqueezeExcite",
+    "StreamAdd",
+    "StreamBatchNorm2d",
+    "StreamDropPath",
+    "StreamDropout",
+    "StreamGate",
+    "StreamMerge",
+    "StreamModule",
+    "StreamSequential",
+    "check_equivalence",
+    "deploy",
+    "list_activations",
+    "list_recipes",
+    "__version__",
+]

@@ -1,0 +1,132 @@
+"""Branch modules: each turns its parameters into one k×k kernel and bias.
+
+A branch's ``kernel(moments, like)`` returns ``(kernel, bias)`` of shape
+``((C_out, C_in // groups, kh, kw), (C_out,))`` in the layer's kernel size, *before*
+the branch's outer BatchNorm (the layer stacks all outer BNs into one). Sequential
+branches (1×1 → BN → k×k / avg-pool) are composed analytically: their inner BN
+is an affine map whose training-mode statistics follow from the input's channel
+moments (DESIGN §5.2), so the branch is one conv with identical values and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import fusion
+from .recipes import Branch, Geometry
+
+
+@dataclass
+class Moments:
+    """Channel statistics of a layer input over all streams, batch and positions."""
+
+    mean: Tensor  # (C,)
+    cov: Tensor  # (C, C), biased, from centred inputs
+    count: int
+
+
+def input_moments(x: Tensor) -> Moments:
+    """Moments of ``x``: ``(N, C, H, W)`` or ``(N, C)`` (rows × features)."""
+    channels = x.shape[1]
+    if x.dim() == 2:
+        mean = x.mean(0)
+        centred = x - mean
+        return Moments(mean, centred.T @ centred / x.shape[0], x.shape[0])
+    flat = x.reshape(x.shape[0], channels, -1)
+    mean = flat.mean((0, 2))
+    centred = flat - mean[:, None]  # two-pass: no E[x²] − μ² cancellation
+    count = flat.shape[0] * flat.shape[2]
+    cov = (centred @ centred.transpose(1, 2)).sum(0) / count
+    return Moments(mean, cov, count)
+
+
+def _conv_weight(out_ch: int, in_per_group: int, kernel: tuple[int, int]) -> nn.Parameter:
+    weight = torch.empty(out_ch, in_per_group, *kernel)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default
+    return nn.Parameter(weight)
+
+
+class ConvBranch(nn.Module):
+    """conv(kh×kw) → [outer BN], centred in the layer's kernel."""
+
+    def __init__(self, spec: Branch, geom: Geometry):
+        super().__init__()
+        self.groups = geom.groups
+        self.weight = _conv_weight(geom.out_channels, geom.in_channels // geom.groups, spec.kernel)
+
+    def kernel(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+        return fusion.pad_kernel(self.weight, size), self.weight.new_zeros(self.weight.shape[0])
+
+
+class FixedBranch(nn.Module):
+    """Identity or avg-pool → [outer BN]: a constant kernel, no parameters."""
+
+    def __init__(self, spec: Branch, geom: Geometry):
+        super().__init__()
+        self.kind, self.channels, self.groups = spec.kind, geom.out_channels, geom.groups
+
+    def kernel(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+        make = fusion.identity_kernel if self.kind == "identity" else fusion.avg_pool_kernel
+        return make(self.channels, self.groups, size, like=like), like.new_zeros(self.channels)
+
+
+class SequentialBranch(nn.Module):
+    """1×1 → BN → (k×k conv | avg-pool) → [outer BN], composed into one k×k conv."""
+
+    def __init__(self, spec: Branch, geom: Geometry):
+        super().__init__()
+        self.groups = geom.groups
+        self.to_avg = spec.kind == "conv_avg"
+        mid = geom.out_channels if self.to_avg else spec.expand * geom.in_channels
+        self.conv1 = _conv_weight(mid, geom.in_channels // geom.groups, (1, 1))
+        self.bn1 = nn.BatchNorm2d(mid)
+        if not self.to_avg:
+            self.conv2 = _conv_weight(geom.out_channels, mid // geom.groups, geom.kernel)
+
+    def inner_affine(self, moments: Moments | None) -> tuple[Tensor, Tensor]:
+        """The inner BN as ``(scale, shift)``; batch statistics when ``moments`` is given."""
+        bn = self.bn1
+        if moments is None:
+            return fusion.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        w1 = fusion.grouped_to_dense(self.conv1, self.groups)[:, :, 0, 0]  # (M, C_in)
+        mean = w1 @ moments.mean
+        var = ((w1 @ moments.cov) * w1).sum(1)
+        update_running_stats(bn, mean, var, moments.count)
+        return fusion.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
+
+    def kernel(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+        first = fusion.fold_conv_bn(self.conv1, None, *self.inner_affine(moments))
+        if self.to_avg:
+            second = fusion.avg_pool_kernel(first[1].numel(), self.groups, size, like=like)
+        else:
+            second = self.conv2
+        return fusion.merge_1x1_kxk(first, (second, like.new_zeros(second.shape[0])), self.groups)
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
+    """What ``F.batch_norm`` does to the running buffers in training mode."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    unbiased = var * count / max(count - 1, 1)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
+_BRANCH_TYPES = {
+    "conv": ConvBranch,
+    "identity": FixedBranch,
+    "avg": FixedBranch,
+    "conv_kxk": SequentialBranch,
+    "conv_avg": SequentialBranch,
+}
+
+
+def make_branch(spec: Branch, geom: Geometry) -> nn.Module:
+    return _BRANCH_TYPES[spec.kind](spec, geom)

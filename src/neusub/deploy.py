@@ -1,0 +1,61 @@
+"""Deploy a training structure to a plain network, and measure that they agree."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+
+def to_plain(module: nn.Module) -> nn.Module:
+    """Replace every module that has ``fuse()`` by its plain form (in place below the root).
+
+    Returns the module itself, or its plain replacement when the root has ``fuse()``.
+    """
+    if hasattr(module, "fuse"):
+        return module.fuse()
+    for name, child in module.named_children():
+        plain = to_plain(child)
+        if plain is not child:
+            setattr(module, name, plain)
+    return module
+
+
+def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The eval-mode plain network equal to ``model``'s training structure.
+
+    No BatchNorm, branch or stream logic is left; it takes the ordinary tensor
+    (the sum of the streams the training structure takes). A deep copy unless
+    ``inplace``; exact before any forward, idempotent, on any device and dtype.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    with torch.no_grad():
+        return to_plain(model).eval()
+
+
+def _sum_streams(x: Tensor, like: Tensor) -> Tensor:
+    """The training output (or input) as the deployed network sees it: streams summed."""
+    return x.sum(0) if x.dim() == like.dim() + 1 else x
+
+
+@torch.no_grad()
+def check_equivalence(model: nn.Module, example_input: Tensor, deployed: nn.Module | None = None) -> float:
+    """Max relative error ``max|train − deployed| / max|deployed|`` in eval mode.
+
+    ``example_input`` is what the training structure takes; the deployed network
+    gets its stream sum when the model has ``in_streams > 1``.
+    """
+    deployed = deploy(model) if deployed is None else deployed
+    was_training = model.training
+    model.eval()
+    try:
+        reference = model(example_input)
+    finally:
+        model.train(was_training)
+    plain_input = example_input.sum(0) if getattr(model, "in_streams", 1) > 1 else example_input
+    out = deployed(plain_input)
+    reference = _sum_streams(reference, out)
+    scale = out.abs().max().clamp_min(torch.finfo(out.dtype).tiny)
+    return float((reference - out).abs().max() / scale)

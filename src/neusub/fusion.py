@@ -1,0 +1,130 @@
+"""Fusion math: small pure functions on tensors, no modules.
+
+Conventions: a conv kernel has shape ``(C_out, C_in // groups, kh, kw)``; a
+"branch" in eval mode is a pair ``(kernel, bias)`` with ``bias`` of shape
+``(C_out,)``. Every helper tensor is made on the dtype and device of its input,
+so the functions work unchanged in fp64, bf16 and on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Kernel = tuple[Tensor, Tensor]  # (kernel, bias)
+
+
+def bn_affine(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """BatchNorm as a per-channel affine map ``y = scale * x + shift``; all ``(C,)``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def fold_conv_bn(kernel: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> Kernel:
+    """Conv (``kernel``, optional ``bias``) followed by a per-channel affine map.
+
+    ``kernel``: ``(C_out, ...)``; ``scale``, ``shift``: ``(C_out,)``. Also used for
+    Linear + BatchNorm1d, whose weight is ``(D_out, D_in)``.
+    """
+    shape = (-1,) + (1,) * (kernel.dim() - 1)
+    fused_bias = shift if bias is None else bias * scale + shift
+    return kernel * scale.reshape(shape), fused_bias
+
+
+def fold_linear_bn(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> Kernel:
+    """Linear ``(D_out, D_in)`` followed by BatchNorm1d's affine map ``(D_out,)``."""
+    return fold_conv_bn(weight, bias, scale, shift)
+
+
+def pad_kernel(kernel: Tensor, size: tuple[int, int]) -> Tensor:
+    """Zero-pad a ``(.., kh, kw)`` kernel to the centre of ``size`` (1×1, 1×k, k×1 → k×k).
+
+    Exact when the small conv's padding is the large conv's padding minus
+    ``dilation * (size - small) // 2`` per axis, i.e. both are "same"-centred.
+    """
+    dh, dw = size[0] - kernel.shape[-2], size[1] - kernel.shape[-1]
+    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
+        raise ValueError(
+            f"cannot centre a {tuple(kernel.shape[-2:])} kernel in {tuple(size)}: "
+            "the difference of sizes must be even and non-negative"
+        )
+    return torch.nn.functional.pad(kernel, (dw // 2, dw // 2, dh // 2, dh // 2))
+
+
+def sum_branches(branches: list[Kernel]) -> Kernel:
+    """Parallel branches on the same input: kernels and biases add."""
+    kernels, biases = zip(*branches)
+    return torch.stack(kernels).sum(0), torch.stack(biases).sum(0)
+
+
+def identity_kernel(channels: int, groups: int, size: tuple[int, int], *, like: Tensor) -> Tensor:
+    """``(C, C // groups, kh, kw)`` kernel whose grouped conv is the identity."""
+    per_group = channels // groups
+    kernel = like.new_zeros(channels, per_group, *size)
+    rows = torch.arange(channels, device=like.device)
+    kernel[rows, rows % per_group, size[0] // 2, size[1] // 2] = 1
+    return kernel
+
+
+def channel_scale_kernel(scale: Tensor, groups: int, size: tuple[int, int]) -> Tensor:
+    """Per-channel scale ``(C,)`` as a ``(C, C // groups, kh, kw)`` kernel."""
+    kernel = identity_kernel(scale.numel(), groups, size, like=scale)
+    return kernel * scale.reshape(-1, 1, 1, 1)
+
+
+def avg_pool_kernel(channels: int, groups: int, size: tuple[int, int], *, like: Tensor) -> Tensor:
+    """Average pooling (``count_include_pad=True``) as a ``(C, C // groups, kh, kw)`` kernel."""
+    per_group = channels // groups
+    kernel = like.new_zeros(channels, per_group, *size)
+    rows = torch.arange(channels, device=like.device)
+    kernel[rows, rows % per_group] = 1.0 / (size[0] * size[1])
+    return kernel
+
+
+def grouped_to_dense(kernel: Tensor, groups: int) -> Tensor:
+    """``(C_out, C_in // g, kh, kw)`` → block-diagonal ``(C_out, C_in, kh, kw)``."""
+    if groups == 1:
+        return kernel
+    c_out, c_in_g = kernel.shape[:2]
+    dense = kernel.new_zeros(groups, c_out // groups, groups, c_in_g, *kernel.shape[2:])
+    blocks = kernel.reshape(groups, c_out // groups, c_in_g, *kernel.shape[2:])
+    idx = torch.arange(groups, device=kernel.device)
+    dense[idx, :, idx] = blocks
+    return dense.reshape(c_out, groups * c_in_g, *kernel.shape[2:])
+
+
+def dense_to_grouped(kernel: Tensor, groups: int) -> Tensor:
+    """Block-diagonal ``(C_out, C_in, kh, kw)`` → ``(C_out, C_in // g, kh, kw)`` (diagonal blocks)."""
+    if groups == 1:
+        return kernel
+    c_out, c_in = kernel.shape[:2]
+    blocks = kernel.reshape(groups, c_out // groups, groups, c_in // groups, *kernel.shape[2:])
+    idx = torch.arange(groups, device=kernel.device)
+    return blocks[idx, :, idx].reshape(c_out, c_in // groups, *kernel.shape[2:])
+
+
+def merge_1x1_kxk(first: Kernel, second: Kernel, groups: int) -> Kernel:
+    """Sequential 1×1 → k×k (both with ``groups``) as one k×k conv.
+
+    ``first``: ``((M, C_in/g, 1, 1), (M,))``; ``second``: ``((C_out, M/g, kh, kw), (C_out,))``.
+    The k×k conv is assumed to see ``first``'s bias in its zero-padded border
+    (DBB's BN-and-pad), which makes the merge exact at every output position.
+    """
+    k1, b1 = first
+    k2, b2 = second
+    dense1 = grouped_to_dense(k1, groups)[:, :, 0, 0]  # (M, C_in)
+    dense2 = grouped_to_dense(k2, groups)  # (C_out, M, kh, kw)
+    kernel = torch.einsum("omhw,mi->oihw", dense2, dense1)
+    bias = b2 + torch.einsum("omhw,m->o", dense2, b1)
+    return dense_to_grouped(kernel, groups), bias

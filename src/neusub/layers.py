@@ -1,0 +1,289 @@
+"""Re-parameterizable layers: RepConv2d and RepLinear.
+
+Training forward (DESIGN §5): every branch becomes one k×k kernel (sequential
+branches composed analytically), the kernels are stacked into **one** conv over
+the ``(S·B)`` batch followed by **one** BatchNorm over ``N·C_out`` channels (per-
+channel statistics over all S inputs of each branch), and the pairs are
+partitioned into output streams by a small mixing matrix, without copies per pair.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import fusion
+from .branches import SequentialBranch, input_moments, make_branch
+from .partition import draw_mixing
+from .recipes import Geometry, Recipe, as_recipe, build_branches
+from .streams import MAX_NAIVE_STREAMS, StreamModule, check_probability, check_streams
+
+CONNECTIVITIES = ("block", "ns", "naive")
+
+
+def _pair(value: int | tuple[int, int], what: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"{what}={value!r} must be an int or a pair of ints")
+    return pair  # type: ignore[return-value]
+
+
+class _RepLayer(StreamModule):
+    """Branches + one stacked BatchNorm + connectivity; shared by RepConv2d and RepLinear."""
+
+    def _build(
+        self,
+        geom: Geometry,
+        recipe: str | Recipe,
+        connectivity: str,
+        in_streams: int,
+        stochastic: float,
+        neural_drop: float,
+        generator: torch.Generator | None,
+        bn: type[nn.Module],
+    ) -> None:
+        if connectivity not in CONNECTIVITIES:
+            raise ValueError(
+                f"unknown connectivity {connectivity!r}; choose one of {', '.join(CONNECTIVITIES)}"
+            )
+        self.recipe = as_recipe(recipe)
+        specs = build_branches(self.recipe, geom)
+        self.geom, self.connectivity = geom, connectivity
+        self.stochastic = check_probability(stochastic, "stochastic")
+        self.neural_drop = check_probability(neural_drop, "neural_drop")
+        self.generator = generator
+        self.branches = nn.ModuleDict({spec.name: make_branch(spec, geom) for spec in specs})
+        # One BN for all branches; channels ordered (groups, branch, C_out // groups) so a
+        # single grouped conv can produce every branch (see stacked_kernel).
+        self.bn = bn(len(specs) * geom.out_channels)
+        self._sequential = any(isinstance(b, SequentialBranch) for b in self.branches.values())
+        self.set_in_streams(in_streams)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    @property
+    def out_streams(self) -> int:
+        if self.connectivity == "block":
+            return 1
+        if self.connectivity == "ns":
+            return self.num_branches
+        return self.in_streams * self.num_branches
+
+    def set_in_streams(self, streams: int) -> int:
+        streams = check_streams(streams)
+        if self.connectivity == "block" and streams != 1:
+            raise ValueError(
+                f"connectivity='block' takes a plain tensor (in_streams=1), got in_streams={streams}; "
+                "merge the streams first or use connectivity='ns'"
+            )
+        if self.connectivity == "naive" and streams * self.num_branches > MAX_NAIVE_STREAMS:
+            raise ValueError(
+                f"connectivity='naive' would make {streams * self.num_branches} streams "
+                f"(in_streams={streams} × {self.num_branches} branches), over the limit of "
+                f"{MAX_NAIVE_STREAMS}; use connectivity='ns' for deep networks"
+            )
+        self.in_streams = streams
+        return self.out_streams
+
+    # ------------------------------------------------------------------ kernels
+
+    def _split(self, tensor: Tensor) -> Tensor:
+        """``(N·C_out, ...)`` in BN order → ``(N, C_out, ...)`` in branch order."""
+        g, n = self.geom.groups, self.num_branches
+        return tensor.reshape(g, n, -1, *tensor.shape[1:]).transpose(0, 1).reshape(n, -1, *tensor.shape[1:])
+
+    def stacked_kernel(self, moments, like: Tensor) -> fusion.Kernel:
+        """All branches as one conv: ``((N·C_out, C_in/g, kh, kw), (N·C_out,))`` in BN order."""
+        kernels, biases = zip(*(b.kernel(moments, like, self.geom.kernel) for b in self.branches.values()))
+        g, n = self.geom.groups, self.num_branches
+
+        def to_bn_order(t: Tensor) -> Tensor:
+            return t.reshape(n, g, -1, *t.shape[2:]).transpose(0, 1).reshape(-1, *t.shape[2:])
+
+        return to_bn_order(torch.stack(kernels)), to_bn_order(torch.stack(biases))
+
+    def branch_kernels(self) -> list[fusion.Kernel]:
+        """Each branch fused with its BN in eval mode: ``[(kernel, bias)]`` in branch order."""
+        bn = self.bn
+        scale, shift = fusion.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        scales, shifts = self._split(scale), self._split(shift)
+        like = bn.running_mean
+        return [
+            fusion.fold_conv_bn(*branch.kernel(None, like, self.geom.kernel), scales[j], shifts[j])
+            for j, branch in enumerate(self.branches.values())
+        ]
+
+    def fused_kernel(self) -> fusion.Kernel:
+        """The deployed op on the stream sum, computed in fp64: ``Σ_j W_j``, ``S · Σ_j b_j``."""
+        exact = copy.deepcopy(self).to(torch.float64) if self.bn.running_mean.dtype != torch.float64 else self
+        kernel, bias = fusion.sum_branches(exact.branch_kernels())
+        dtype = self.bn.running_mean.dtype if self.bn.weight is None else self.bn.weight.dtype
+        return kernel.to(dtype), (bias * self.in_streams).to(dtype)
+
+    # ------------------------------------------------------------------ forward
+
+    def _run_branches(self, flat: Tensor, op) -> Tensor:
+        """``op(flat, weight, bias)`` with every branch stacked, then the stacked BN."""
+        moments = input_moments(flat) if self.training and self._sequential else None
+        weight, bias = self.stacked_kernel(moments, flat)
+        return self.bn(op(flat, weight, bias))
+
+    def _connect(self, z: Tensor, streams: int) -> Tensor:
+        """``z``: ``(S, rows, g, N, C_out/g, L)`` → ``(out_streams, rows, g, C_out/g, L)``."""
+        if self.connectivity == "block":
+            return z.sum(3)
+        if self.connectivity == "naive":
+            return z.movedim(3, 1).reshape(-1, *z.shape[1:3], *z.shape[4:])
+        n = self.num_branches
+        if not self.training or (self.stochastic == 0 and self.neural_drop == 0):
+            return z.sum(0).movedim(2, 0)  # output i = branch i over every input stream
+        mixing = draw_mixing(z.shape[1], streams, n, self.stochastic, self.neural_drop, self.generator)
+        mixing = mixing.to(device=z.device, dtype=z.dtype)
+        if mixing.dim() == 3:
+            return torch.einsum("ilj,lbgjcx->ibgcx", mixing, z)
+        return torch.einsum("bilj,lbgjcx->ibgcx", mixing, z)
+
+    def _check_features(self, x: Tensor, dim: int, expected: int, what: str) -> None:
+        if x.shape[dim] != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects {expected} {what} at dim {dim}, got shape {tuple(x.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        g = self.geom
+        return (
+            f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel}, stride={g.stride}, "
+            f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, recipe={self.recipe.name!r}, "
+            f"connectivity={self.connectivity!r}, stochastic={self.stochastic}, "
+            f"neural_drop={self.neural_drop}, " + super().extra_repr()
+        )
+
+
+class RepConv2d(_RepLayer):
+    """Re-parameterizable conv with ``recipe`` branches and ``connectivity`` between layers.
+
+    - ``block``: ``(B, C, H, W) → (B, C', H', W')``, the sum of the branches.
+    - ``ns``: ``(S, B, C, H, W) → (N, B, C', H', W')`` (4-D input allowed when ``in_streams == 1``).
+    - ``naive``: ``(S, B, ...) → (S·N, B, ...)``, every path kept.
+
+    ``padding=None`` is "same"-style ``dilation * (k - 1) // 2``. ``stochastic=p``
+    re-draws the partition of the ``N·S`` pairs with probability p per training
+    forward; ``neural_drop=p`` drops pairs per sample. Both are no-ops in eval.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | None = None,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        recipe: str | Recipe = "dbb",
+        connectivity: str = "block",
+        in_streams: int = 1,
+        stochastic: float = 0.0,
+        neural_drop: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        kernel, dil = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
+        same = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dil))
+        geom = Geometry(
+            in_channels, out_channels, kernel, _pair(stride, "stride"),
+            same if padding is None else _pair(padding, "padding"), dil, groups,
+        )  # fmt: skip
+        self._build(
+            geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, nn.BatchNorm2d
+        )
+
+    def forward_streams(self, x: Tensor) -> Tensor:
+        bundle = self._bundle(x, plain_dim=4)
+        self._check_features(bundle, 2, self.geom.in_channels, "input channels")
+        s, b = bundle.shape[:2]
+        g = self.geom
+        kernel_h, kernel_w = g.kernel
+        if bundle.shape[3] + 2 * g.padding[0] < g.dilation[0] * (kernel_h - 1) + 1 or (
+            bundle.shape[4] + 2 * g.padding[1] < g.dilation[1] * (kernel_w - 1) + 1
+        ):
+            raise ValueError(
+                f"RepConv2d: input {tuple(bundle.shape[-2:])} is smaller than the (dilated) kernel "
+                f"{g.kernel} with padding {g.padding}"
+            )
+
+        def conv(flat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            return F.conv2d(flat, weight, bias, g.stride, g.padding, g.dilation, g.groups)
+
+        z = self._run_branches(bundle.reshape(s * b, *bundle.shape[2:]), conv)
+        spatial = z.shape[2:]
+        out = self._connect(z.view(s, b, g.groups, self.num_branches, -1, spatial.numel()), s)
+        out = out.reshape(-1, b, g.out_channels, *spatial)
+        return out[0] if self.connectivity == "block" else out
+
+    def fuse(self) -> nn.Conv2d:
+        g = self.geom
+        kernel, bias = self.fused_kernel()
+        conv = nn.Conv2d(g.in_channels, g.out_channels, g.kernel, g.stride, g.padding, g.dilation, g.groups)
+        conv.to(device=kernel.device, dtype=kernel.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(kernel)
+            conv.bias.copy_(bias)
+        return conv
+
+
+class RepLinear(_RepLayer):
+    """Re-parameterizable Linear (+BatchNorm1d per branch); recipes evaluated at k = 1.
+
+    - ``block``: ``(..., D) → (..., D')``.
+    - ``ns`` / ``naive``: bundle ``(S, B, D)`` or ``(S, B, T, D)`` → ``(N, B, [T,] D')``
+      (a 2-D ``(B, D)`` input is accepted when ``in_streams == 1``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        recipe: str | Recipe = "dbb",
+        connectivity: str = "block",
+        in_streams: int = 1,
+        stochastic: float = 0.0,
+        neural_drop: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        geom = Geometry(in_features, out_features, (1, 1))
+        self._build(
+            geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, nn.BatchNorm1d
+        )
+
+    def forward_streams(self, x: Tensor) -> Tensor:
+        if self.connectivity == "block" or (x.dim() == 2 and self.in_streams == 1):
+            x = x.unsqueeze(0)
+        bundle = self._bundle(x)
+        self._check_features(bundle, -1, self.geom.in_channels, "features")
+        if bundle.dim() < 3:
+            raise ValueError(f"RepLinear expects a bundle (S, B, [T,] D), got shape {tuple(x.shape)}")
+        s, batch_shape = bundle.shape[0], bundle.shape[1:-1]
+
+        def linear(flat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            return F.linear(flat, weight[:, :, 0, 0], bias)
+
+        z = self._run_branches(bundle.reshape(-1, bundle.shape[-1]), linear)
+        out = self._connect(z.view(s, -1, 1, self.num_branches, self.geom.out_channels, 1), s)
+        out = out.reshape(-1, *batch_shape, self.geom.out_channels)
+        return out[0] if self.connectivity == "block" else out
+
+    def fuse(self) -> nn.Linear:
+        kernel, bias = self.fused_kernel()
+        linear = nn.Linear(self.geom.in_channels, self.geom.out_channels)
+        linear.to(device=kernel.device, dtype=kernel.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(kernel[:, :, 0, 0])
+            linear.bias.copy_(bias)
+        return linear
