@@ -2,6 +2,7 @@
 
 from .deploy import check_equivalence, deploy
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear
+from .models import create_model, list_models
 from .recipes import Recipe, list_recipes
 from .streams import (
     Add,
@@ -20,8 +21,11 @@ from .streams import (
     StreamSequential,
     list_activations,
 )
+from .timm_registry import register_all as register_timm_models
 
 __version__ = "0.1.0"
+
+register_timm_models()
 
 __all__ = [
     "CONNECTIVITIES",
@@ -43,6 +47,8 @@ __all__ = [
     "StreamModule",
     "StreamSequential",
     "check_equivalence",
+    "create_model",
+    "list_models",
     "deploy",
     "list_activations",
     "list_recipes",

@@ -236,21 +236,23 @@ class StreamDropout(StreamModule):
 class StreamDropPath(StreamModule):
     """Drop-path (stochastic depth): one per-sample mask shared by all streams.
 
-    Bundle ``(S, B, ...)`` (or a plain ``(B, ...)`` tensor when ``in_streams == 1``).
+    Input: a bundle ``(S, B, ...)``; a tensor of ``plain_dim`` dims (e.g. 4 for
+    ``(B, C, H, W)``) is taken as one plain stream when ``in_streams == 1``.
     """
 
-    def __init__(self, p: float = 0.0, in_streams: int = 1):
+    def __init__(self, p: float = 0.0, in_streams: int = 1, plain_dim: int | None = None):
         super().__init__()
         self.p = check_probability(p, "drop_path")
         self.in_streams = check_streams(in_streams)
+        self.plain_dim = plain_dim
 
     def forward_streams(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        one_stream = self._bundle(x)[0] if self.in_streams > 1 else x
-        keep = one_stream.new_empty(one_stream.shape[:1] + (1,) * (one_stream.dim() - 1))
-        keep.bernoulli_(1.0 - self.p)
-        return x * (keep / (1.0 - self.p) if self.p < 1.0 else keep)
+        bundle = self._bundle(x, self.plain_dim)
+        keep = bundle.new_empty((1, bundle.shape[1]) + (1,) * (bundle.dim() - 2)).bernoulli_(1.0 - self.p)
+        out = bundle * (keep / (1.0 - self.p) if self.p < 1.0 else keep)
+        return out.view_as(x)
 
     def fuse(self) -> nn.Module:
         return nn.Identity()
@@ -358,17 +360,23 @@ class StreamAdd(StreamModule):
 
 
 class StreamMerge(StreamModule):
-    """Sum the streams: bundle ``(S, B, ...)`` → plain ``(B, ...)`` (the head)."""
+    """Sum the streams: bundle ``(S, B, ...)`` → plain ``(B, ...)`` (the head).
 
-    def __init__(self, in_streams: int = 1):
+    With ``plain_dim`` set, a tensor of that many dims is already plain and passes through.
+    """
+
+    def __init__(self, in_streams: int = 1, plain_dim: int | None = None):
         super().__init__()
         self.in_streams = check_streams(in_streams)
+        self.plain_dim = plain_dim
 
     @property
     def out_streams(self) -> int:
         return 1
 
     def forward_streams(self, x: Tensor) -> Tensor:
+        if self.plain_dim is not None and x.dim() == self.plain_dim and self.in_streams == 1:
+            return x
         return self._bundle(x).sum(0)
 
     def fuse(self) -> nn.Module:

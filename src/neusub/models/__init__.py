@@ -1,0 +1,62 @@
+"""Model registry: ``create_model(name, recipe=..., connectivity=...)`` and ``list_models()``.
+
+Each entry is ``name -> (builder, default recipe)``; a builder takes a
+:class:`LayerFactory` and the remaining keyword arguments. ``import neusub``
+also registers every model with timm as ``neusub_<name>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .factory import LayerFactory
+from .resnet import RESNETS, build_resnet
+
+Builder = Callable[..., nn.Module]
+
+_MODELS: dict[str, tuple[Builder, str]] = {
+    name: (lambda f, _name=name, **kw: build_resnet(_name, f, **kw), "nsnet") for name in RESNETS
+}
+
+
+def register(name: str, builder: Builder, default_recipe: str = "nsnet") -> None:
+    """Add a model: ``builder(factory, **kwargs) -> nn.Module``."""
+    _MODELS[name] = (builder, default_recipe)
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    recipe: str | None = None,
+    connectivity: str = "ns",
+    stochastic: float = 0.0,
+    neural_drop: float = 0.0,
+    num_classes: int = 1000,
+    stem: str = "imagenet",
+    act: str = "relu",
+    drop_path_rate: float = 0.0,
+    width_mult: float = 1.0,
+    **kwargs,
+) -> nn.Module:
+    """Build model ``name`` with every re-parameterizable layer of ``recipe`` × ``connectivity``."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    builder, default_recipe = _MODELS[name]
+    factory = LayerFactory(recipe or default_recipe, connectivity, stochastic, neural_drop, act)
+    try:
+        return builder(
+            factory, num_classes=num_classes, stem=stem, drop_path_rate=drop_path_rate,
+            width_mult=width_mult, **kwargs,
+        )  # fmt: skip
+    except TypeError as err:
+        if "unexpected keyword" not in str(err):
+            raise
+        raise ValueError(f"model {name!r}: {err}") from None
+
+
+__all__ = ["LayerFactory", "create_model", "list_models", "register"]
