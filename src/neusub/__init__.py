@@ -1,5 +1,6 @@
 """neusub: branch-level structural re-parameterization with Neural Substitution."""
 
+from . import export
 from .deploy import check_equivalence, deploy
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear
 from .models import create_model, list_models
@@ -50,6 +51,7 @@ __all__ = [
     "create_model",
     "list_models",
     "deploy",
+    "export",
     "list_activations",
     "list_recipes",
     "__version__",

@@ -13,6 +13,8 @@ def to_plain(module: nn.Module) -> nn.Module:
 
     Returns the module itself, or its plain replacement when the root has ``fuse()``.
     """
+    if getattr(module, "deployed", False):  # already reparameterize()d in place
+        return module.plain
     if hasattr(module, "fuse"):
         return module.fuse()
     for name, child in module.named_children():
@@ -35,6 +37,19 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
         return to_plain(model).eval()
 
 
+def _input_is_bundle(model: nn.Module, x: Tensor) -> bool:
+    """Whether the training structure's input ``x`` is a bundle ``(S, B, ...)``.
+
+    Always with ``in_streams > 1``; with one stream, the first layer tells (a 1-stream
+    bundle ``(1, B, ...)`` and a plain ``(B, ...)`` are both accepted there).
+    """
+    if getattr(model, "in_streams", 1) > 1:
+        return True
+    first = next(iter(model), None) if isinstance(model, nn.Sequential) else model
+    test = getattr(first, "is_bundle", None)
+    return bool(test is not None and test(x))
+
+
 def _sum_streams(x: Tensor, like: Tensor) -> Tensor:
     """The training output (or input) as the deployed network sees it: streams summed."""
     return x.sum(0) if x.dim() == like.dim() + 1 else x
@@ -45,7 +60,8 @@ def check_equivalence(model: nn.Module, example_input: Tensor, deployed: nn.Modu
     """Max relative error ``max|train − deployed| / max|deployed|`` in eval mode.
 
     ``example_input`` is what the training structure takes; the deployed network
-    gets its stream sum when the model has ``in_streams > 1``.
+    gets its stream sum when it is a bundle (always with ``in_streams > 1``; a
+    1-stream bundle ``(1, B, ...)`` is recognised by the first layer's ``is_bundle``).
     """
     deployed = deploy(model) if deployed is None else deployed
     was_training = model.training
@@ -54,7 +70,7 @@ def check_equivalence(model: nn.Module, example_input: Tensor, deployed: nn.Modu
         reference = model(example_input)
     finally:
         model.train(was_training)
-    plain_input = example_input.sum(0) if getattr(model, "in_streams", 1) > 1 else example_input
+    plain_input = example_input.sum(0) if _input_is_bundle(model, example_input) else example_input
     out = deployed(plain_input)
     reference = _sum_streams(reference, out)
     scale = out.abs().max().clamp_min(torch.finfo(out.dtype).tiny)

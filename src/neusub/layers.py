@@ -56,6 +56,7 @@ class _RepLayer(StreamModule):
         self.neural_drop = check_probability(neural_drop, "neural_drop")
         self.generator = generator
         self.branches = nn.ModuleDict({spec.name: make_branch(spec, geom) for spec in specs})
+        self._num_branches = len(specs)  # kept after reparameterize() drops the branches
         # One BN for all branches; channels ordered (groups, branch, C_out // groups) so a
         # single grouped conv can produce every branch (see stacked_kernel).
         self.bn = bn(len(specs) * geom.out_channels)
@@ -64,7 +65,7 @@ class _RepLayer(StreamModule):
 
     @property
     def num_branches(self) -> int:
-        return len(self.branches)
+        return self._num_branches
 
     @property
     def out_streams(self) -> int:
@@ -203,6 +204,10 @@ class RepConv2d(_RepLayer):
             geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, nn.BatchNorm2d
         )
 
+    def is_bundle(self, x: Tensor) -> bool:
+        """Whether ``x`` is a stream bundle ``(S, B, C, H, W)`` rather than a plain tensor."""
+        return x.dim() == 5
+
     def forward_streams(self, x: Tensor) -> Tensor:
         bundle = self._bundle(x, plain_dim=4)
         self._check_features(bundle, 2, self.geom.in_channels, "input channels")
@@ -262,6 +267,10 @@ class RepLinear(_RepLayer):
             geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, nn.BatchNorm1d
         )
 
+    def is_bundle(self, x: Tensor) -> bool:
+        """Whether ``x`` is a stream bundle ``(S, B, [T,] D)`` rather than a plain tensor."""
+        return self.connectivity != "block" and x.dim() >= 3
+
     def forward_streams(self, x: Tensor) -> Tensor:
         if self.connectivity == "block" or (x.dim() == 2 and self.in_streams == 1):
             x = x.unsqueeze(0)
@@ -275,7 +284,9 @@ class RepLinear(_RepLayer):
             return F.linear(flat, weight[:, :, 0, 0], bias)
 
         z = self._run_branches(bundle.reshape(-1, bundle.shape[-1]), linear)
-        out = self._connect(z.view(s, -1, 1, self.num_branches, self.geom.out_channels, 1), s)
+        # (S, B, T, N, C): the T tokens of a sample sit on _connect's "groups" axis, so that
+        # neural drop draws one pair mask per sample, not per token.
+        out = self._connect(z.view(s, batch_shape[0], -1, self.num_branches, self.geom.out_channels, 1), s)
         out = out.reshape(-1, *batch_shape, self.geom.out_channels)
         return out[0] if self.connectivity == "block" else out
 

@@ -173,9 +173,9 @@ def _as_partition(mixing: Tensor, streams: int, branches: int) -> Tensor | None:
 
 
 def _connect_ns(pairs: list[list[Tensor]], mixing: Tensor) -> Tensor:
-    """``pairs[l][j]`` (B, C, H, W) → ``(N, B, C, H, W)``: output i = Σ pairs mixed into i."""
+    """``pairs[src][j]`` (B, C, H, W) → ``(N, B, C, H, W)``: output i = Σ pairs mixed into i."""
     s, n = len(pairs), len(pairs[0])
-    stacked = torch.stack([pairs[l][j] for l in range(s) for j in range(n)])  # pair id l·N + j
+    stacked = torch.stack([pairs[src][j] for src in range(s) for j in range(n)])  # pair id src·N + j
     partition = _as_partition(mixing, s, n)
     if partition is not None:  # gather each group's S pairs and sum them
         grouped = stacked[partition.flatten().to(stacked.device)]
@@ -186,11 +186,11 @@ def _connect_ns(pairs: list[list[Tensor]], mixing: Tensor) -> Tensor:
     for i in range(n):
         total = torch.zeros_like(stacked[0])
         for p in range(s * n):
-            l, j = divmod(p, n)
+            src, j = divmod(p, n)
             if weights.dim() == 3:
-                total = total + weights[i, l, j] * stacked[p]
+                total = total + weights[i, src, j] * stacked[p]
             else:
-                total = total + weights[:, i, l, j].reshape(-1, 1, 1, 1) * stacked[p]
+                total = total + weights[:, i, src, j].reshape(-1, 1, 1, 1) * stacked[p]
         outputs.append(total)
     return torch.stack(outputs)
 
@@ -229,26 +229,26 @@ def literal_forward(layer: RepConv2d, x: Tensor, mixing: Tensor | None = None) -
     modules = list(layer.branches.values())
     if [spec.name for spec in specs] != list(layer.branches):
         raise ValueError("literal_forward: the layer's branches do not match its recipe")
-    streams = [x[l] for l in range(x.shape[0])]
+    streams = list(x.unbind(0))
     n, s = len(specs), len(streams)
     training = layer.training
 
-    # pairs[l][j] = outer_bn_j(branch_j(x_l)), outer BN statistics over the S streams of branch j
+    # pairs[src][j] = outer_bn_j(branch_j(x_src)), outer BN statistics over the S streams of branch j
     pairs: list[list[Tensor | None]] = [[None] * n for _ in range(s)]
     momentum = _start_batch(layer.bn, training)
     for j, (spec, module) in enumerate(zip(specs, modules)):
         outs = _branch_outputs(layer, spec, module, streams)
         together = torch.cat(outs, 0)
         normed = _batch_norm(layer.bn, together, training, momentum, branch_channels(layer, j))
-        for l, chunk in enumerate(normed.split([o.shape[0] for o in outs], 0)):
-            pairs[l][j] = chunk
+        for src, chunk in enumerate(normed.split([o.shape[0] for o in outs], 0)):
+            pairs[src][j] = chunk
 
     if layer.connectivity == "block":
         if s != 1:
             raise ValueError("connectivity='block' takes one stream")
         return torch.stack(pairs[0]).sum(0)
     if layer.connectivity == "naive":
-        return torch.stack([pairs[l][j] for l in range(s) for j in range(n)])
+        return torch.stack([pairs[src][j] for src in range(s) for j in range(n)])
     if mixing is None:
         mixing = mixing_matrix(canonical_partition(s, n), s, n)
     if mixing.shape[-3:] != (n, s, n) or mixing.dim() not in (3, 4):

@@ -163,6 +163,8 @@ class GuidedMaxPool2d(StreamModule):
         self.in_streams = check_streams(in_streams)
 
     def forward_streams(self, x: Tensor) -> Tensor:
+        if self.in_streams == 1 and x.dim() == 4:  # a plain tensor stays plain
+            return self.forward_streams(x[None])[0]
         x = self._bundle(x, plain_dim=4)
         _, index = F.max_pool2d(x.sum(0), self.kernel_size, self.stride, self.padding, return_indices=True)
         s, b, c = x.shape[:3]
@@ -208,6 +210,8 @@ class StreamGate(StreamModule):
         self.in_streams = check_streams(in_streams)
 
     def forward_streams(self, x: Tensor) -> Tensor:
+        if self.in_streams == 1 and x.dim() == 4:  # a plain tensor stays plain
+            return x * self.gate(x)
         x = self._bundle(x, plain_dim=4)
         return x * self.gate(x.sum(0))
 
@@ -272,6 +276,8 @@ class StreamBatchNorm2d(StreamModule):
         self.in_streams = check_streams(in_streams)
 
     def forward_streams(self, x: Tensor) -> Tensor:
+        if self.in_streams == 1 and x.dim() == 4:  # a plain tensor stays plain
+            return self.forward_streams(x[None])[0]
         x = self._bundle(x, plain_dim=4)
         s = x.shape[0]
         bn = self.bn
@@ -329,21 +335,22 @@ class StreamAdd(StreamModule):
 
     def __init__(self, in_streams: int = 1, other_streams: int | None = None):
         super().__init__()
-        self.in_streams = check_streams(in_streams)
-        self.other_streams = check_streams(other_streams or in_streams, "other_streams")
-        self._check()
+        self.in_streams, self.other_streams = self._check(in_streams, other_streams or in_streams)
 
-    def _check(self) -> None:
-        if self.other_streams not in (1, self.in_streams):
+    @staticmethod
+    def _check(streams: int, other_streams: int) -> tuple[int, int]:
+        streams = check_streams(streams)
+        other_streams = check_streams(other_streams, "other_streams")
+        if other_streams not in (1, streams):
             raise ValueError(
-                f"StreamAdd cannot add {self.other_streams} streams to {self.in_streams}; "
+                f"StreamAdd cannot add {other_streams} streams to {streams}; "
                 "the operands need equal stream counts, or one of them a single stream"
             )
+        return streams, other_streams
 
     def set_in_streams(self, streams: int, other_streams: int | None = None) -> int:
-        self.in_streams = check_streams(streams)
-        self.other_streams = check_streams(other_streams or self.other_streams, "other_streams")
-        self._check()
+        # validate first: a refused count leaves the module unchanged
+        self.in_streams, self.other_streams = self._check(streams, other_streams or self.other_streams)
         return self.out_streams
 
     def forward_streams(self, a: Tensor, b: Tensor) -> Tensor:
@@ -351,6 +358,12 @@ class StreamAdd(StreamModule):
             return a + b
         a = self._bundle(a)
         if self.other_streams == 1:
+            if b.dim() == a.dim() and b.shape[0] != 1:
+                raise ValueError(
+                    f"StreamAdd was built with other_streams=1 but the second operand has "
+                    f"{b.shape[0]} streams (shape {tuple(b.shape)}); pass a plain tensor or a "
+                    f"1-stream bundle, or build it with other_streams={self.in_streams}"
+                )
             plain = b[0] if b.dim() == a.dim() else b
             return a + plain / self.in_streams
         return a + self._bundle(b)

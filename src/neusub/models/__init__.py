@@ -12,6 +12,9 @@ from collections.abc import Callable
 from torch import nn
 
 from .factory import LayerFactory
+from .mlp_adapter import build_mlp_adapter
+from .mobilenet import build_mobilenet_v1
+from .mobileone import MOBILEONES, build_mobileone
 from .resnet import RESNETS, build_resnet
 
 Builder = Callable[..., nn.Module]
@@ -24,6 +27,12 @@ _MODELS: dict[str, tuple[Builder, str]] = {
 def register(name: str, builder: Builder, default_recipe: str = "nsnet") -> None:
     """Add a model: ``builder(factory, **kwargs) -> nn.Module``."""
     _MODELS[name] = (builder, default_recipe)
+
+
+register("mobilenet_v1", build_mobilenet_v1, "nsnet")
+for _name in MOBILEONES:
+    register(_name, lambda f, _name=_name, **kw: build_mobileone(_name, f, **kw), "mobileone")
+register("mlp_adapter", build_mlp_adapter, "nsnet")
 
 
 def list_models() -> list[str]:

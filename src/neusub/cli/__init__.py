@@ -1,0 +1,115 @@
+"""Command-line interface: ``neusub demo | train | eval | deploy | export``.
+
+User errors print one line ``neusub: error: ...`` naming the problem and the fix,
+and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import __version__
+from .config import FIELDS, PRESETS
+from .data import DATASETS
+from .errors import CLIError
+
+_TRAIN_FLAGS: list[tuple[str, type, str]] = [
+    ("model", str, "model name (neusub.list_models())"),
+    ("recipe", str, "recipe name (neusub.list_recipes()); default: the model's"),
+    ("connectivity", str, "block | ns | naive"),
+    ("stochastic", float, "probability of re-drawing the NS partition per step"),
+    ("neural-drop", float, "probability of dropping a (stream, branch) pair"),
+    ("act", str, "activation (guided under ns)"),
+    ("width-mult", float, "channel width multiplier"),
+    ("stem", str, "cifar | imagenet"),
+    ("dataset", str, "one of " + ", ".join(DATASETS)),
+    ("data", str, "dataset path"),
+    ("epochs", int, "training epochs"),
+    ("batch-size", int, "batch size per process"),
+    ("lr", float, "peak learning rate"),
+    ("opt", str, "timm optimizer name (lamb, adamw, sgd, ...)"),
+    ("weight-decay", float, "weight decay"),
+    ("warmup-epochs", int, "linear warm-up epochs"),
+    ("label-smoothing", float, "label smoothing"),
+    ("mixup", float, "mixup alpha"),
+    ("cutmix", float, "cutmix alpha"),
+    ("drop-path", float, "stochastic depth rate"),
+    ("ema", float, "EMA decay (0 = off)"),
+    ("seed", int, "random seed"),
+    ("workers", int, "data loader workers"),
+    ("ckpt-steps", int, "checkpoint every N steps (and every epoch)"),
+    ("out", str, "run folder"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neusub", description="Neural Substitution re-parameterization.")
+    parser.add_argument("--version", action="version", version=f"neusub {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser("demo", help="train a small NS network on bundled digits, deploy, compare")
+    demo.add_argument("--out", help="run folder (default runs/demo-<time>)")
+    demo.add_argument("--fast", action="store_true", help="one epoch (for smoke tests)")
+
+    train = sub.add_parser("train", help="train a model (resumable)")
+    train.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    train.add_argument("--preset", help="the paper's Appendix B hyper-parameters: " + ", ".join(PRESETS))
+    for flag, kind, text in _TRAIN_FLAGS:
+        train.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    for flag, text in [("resume", "continue the run in --out"), ("download", "download CIFAR"),
+                       ("amp", "mixed precision"), ("channels-last", "channels_last memory format"),
+                       ("compile", "torch.compile the model"), ("sync-bn", "SyncBatchNorm under DDP")]:  # fmt: skip
+        train.add_argument(f"--{flag}", action="store_true", default=None, help=text)
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt
+
+    ev = sub.add_parser("eval", help="validation accuracy of a checkpoint or deployed file")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--dataset", help="one of " + ", ".join(DATASETS))
+    ev.add_argument("--data")
+
+    dep = sub.add_parser("deploy", help="save the deployed (plain) network; prints the equivalence error")
+    dep.add_argument("checkpoint")
+    dep.add_argument("out")
+
+    exp = sub.add_parser("export", help="export the deployed network")
+    exp.add_argument("checkpoint")
+    exp.add_argument("--format", required=True, help="onnx | torchvision | torchscript")
+    exp.add_argument("--out")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from . import commands
+
+    if args.command == "demo":
+        return commands.cmd_demo(args.out, args.fast)
+    if args.command == "train":
+        flags = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
+        return commands.cmd_train(flags, args.config, progress=not args.quiet, stop_after=args.stop_after)
+    if args.command == "eval":
+        return commands.cmd_eval(args.checkpoint, args.dataset, args.data)
+    if args.command == "deploy":
+        return commands.cmd_deploy(args.checkpoint, args.out)
+    return commands.cmd_export(args.checkpoint, args.format, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        result = _run(args)
+    except CLIError as err:
+        print(f"neusub: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neusub: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    if result:
+        print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,464 @@
+"""RepConv2d / RepLinear: every recipe × connectivity × geometry is exact after deployment.
+
+Besides ``check_equivalence`` (training structure in eval mode vs. the deployed
+plain layer), each case is compared against a *literal* branch-by-branch
+evaluation written here from the recipe definitions (DBB-style BN-and-pad for
+sequential branches, one BatchNorm per branch with statistics over all input
+streams), in training mode (values, gradients, running statistics) and in eval
+mode. That guards against the stacked/composed fast path and the fused kernel
+agreeing with each other on a wrong function.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import neusub
+from neusub import RepConv2d, RepLinear
+from neusub.recipes import Geometry, build_branches
+
+RECIPES = neusub.list_recipes()
+CENTRED = {"repvgg", "acnet", "acnet+", "dbb", "mobileone", "nsnet"}  # need odd k and same padding
+
+# id: (connectivity, in_streams, stochastic, neural_drop, 1-stream input given as a 5-D bundle)
+CONNECTIVITY = {
+    "block": ("block", 1, 0.0, 0.0, False),
+    "ns-s1": ("ns", 1, 0.0, 0.0, False),
+    "ns-s3": ("ns", 3, 0.0, 0.0, False),
+    "ns-stoch-s1": ("ns", 1, 1.0, 0.2, True),
+    "ns-stoch-s3": ("ns", 3, 1.0, 0.2, False),
+}
+# id: (in_channels, out_channels, groups); "dense" has in != out so identity branches drop
+CHANNELS = {"dense": (4, 6, 1), "depthwise": (4, 4, 4), "grouped": (4, 4, 2)}
+KERNELS = (1, 3, 5)
+STRIDE_DILATION = list(itertools.product((1, 2), (1, 2)))
+BATCH, SIZE = 2, 7
+FP64_TOL, FP32_TOL = 1e-12, 1e-5
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Random running statistics and affine parameters for every BatchNorm in ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n, dtype = module.num_features, module.running_mean.dtype
+                module.running_mean.copy_(torch.randn(n, generator=gen, dtype=dtype))
+                module.running_var.copy_(torch.rand(n, generator=gen, dtype=dtype) * 1.5 + 0.5)
+                module.weight.copy_(torch.randn(n, generator=gen, dtype=dtype))
+                module.bias.copy_(torch.randn(n, generator=gen, dtype=dtype))
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def _literal_bn(z: Tensor, bn: nn.Module, idx: Tensor | None, training: bool, records: list):
+    """BatchNorm written out; returns ``(output, output for a zero input)`` per channel."""
+    weight, bias, mean, var = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    if idx is not None:
+        weight, bias, mean, var = weight[idx], bias[idx], mean[idx], var[idx]
+    if training:
+        dims = [0, *range(2, z.dim())]
+        mean, var = z.mean(dims), z.var(dims, unbiased=False)
+        records.append((bn, idx, mean.detach(), var.detach(), z.numel() // z.shape[1]))
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    std = torch.sqrt(var + bn.eps)
+    out = (z - mean.view(shape)) / std.view(shape) * weight.view(shape) + bias.view(shape)
+    return out, bias - mean / std * weight
+
+
+def _pad_with(y: Tensor, padding: tuple[int, int], value: Tensor) -> Tensor:
+    """Pad with a per-channel constant (DBB's BN-and-pad)."""
+    v = value.view(1, -1, 1, 1)
+    return F.pad(y - v, (padding[1], padding[1], padding[0], padding[0])) + v
+
+
+def _avg(y: Tensor, size, stride, padding, dilation) -> Tensor:
+    """Per-channel average pooling (count_include_pad), dilated via a constant conv."""
+    if tuple(dilation) == (1, 1):
+        return F.avg_pool2d(y, size, stride, padding, count_include_pad=True)
+    c = y.shape[1]
+    weight = y.new_full((c, 1, *size), 1.0 / (size[0] * size[1]))
+    return F.conv2d(y, weight, None, stride, padding, dilation, groups=c)
+
+
+def _literal_branch(geom: Geometry, spec, module: nn.Module, x: Tensor, training: bool, records: list):
+    if spec.kind == "conv":
+        pad = tuple(
+            p - d * (k - kb) // 2
+            for p, d, k, kb in zip(geom.padding, geom.dilation, geom.kernel, spec.kernel)
+        )
+        return F.conv2d(x, module.weight, None, geom.stride, pad, geom.dilation, geom.groups)
+    if spec.kind == "identity":
+        return x
+    if spec.kind == "avg":
+        return _avg(x, geom.kernel, geom.stride, geom.padding, geom.dilation)
+    y = F.conv2d(x, module.conv1, None, 1, 0, 1, geom.groups)
+    y, zero_value = _literal_bn(y, module.bn1, None, training, records)
+    y = _pad_with(y, geom.padding, zero_value)
+    if spec.kind == "conv_avg":
+        return _avg(y, geom.kernel, geom.stride, (0, 0), geom.dilation)
+    assert spec.kind == "conv_kxk", spec
+    return F.conv2d(y, module.conv2, None, geom.stride, 0, geom.dilation, geom.groups)
+
+
+def literal_pairs(layer, bundle: Tensor, training: bool, records: list) -> Tensor:
+    """``(N, S, B, [T,] C_out, ...)``: every branch on every input stream, then its own BN.
+
+    A branch's BN (outer and inner) takes its statistics over all S streams together.
+    The outer BN is ``layer.bn``, channels ordered (groups, branch, C_out // groups).
+    A RepLinear is evaluated as the same branches on ``(rows, D, 1, 1)``.
+    """
+    geom = layer.geom
+    specs = build_branches(layer.recipe, geom)
+    assert [s.name for s in specs] == list(layer.branches)
+    linear = isinstance(layer, RepLinear)
+    if linear:
+        flat = bundle.reshape(-1, bundle.shape[-1], 1, 1)
+    else:
+        flat = bundle.reshape(-1, *bundle.shape[2:])
+    n, c_out = len(specs), geom.out_channels
+    cg = c_out // geom.groups
+    outs = []
+    for j, spec in enumerate(specs):
+        z = _literal_branch(geom, spec, layer.branches[spec.name], flat, training, records)
+        idx = torch.tensor([(c // cg) * n * cg + j * cg + c % cg for c in range(c_out)])
+        z, _ = _literal_bn(z, layer.bn, idx, training, records)
+        if linear:
+            outs.append(z.reshape(*bundle.shape[:-1], c_out))
+        else:
+            outs.append(z.reshape(*bundle.shape[:2], *z.shape[1:]))
+    return torch.stack(outs)
+
+
+def literal_forward(layer, x: Tensor, training: bool, records: list | None = None) -> Tensor:
+    """The layer's output computed literally (canonical partition, no neural drop)."""
+    records = [] if records is None else records
+    if isinstance(layer, RepLinear):
+        is_bundle = layer.connectivity != "block" and x.dim() >= 3
+    else:
+        is_bundle = x.dim() == 5
+    pairs = literal_pairs(layer, x if is_bundle else x[None], training, records)  # (N, S, B, ...)
+    if layer.connectivity == "block":
+        return pairs.sum((0, 1))
+    if layer.connectivity == "ns":
+        return pairs.sum(1)
+    return pairs.transpose(0, 1).reshape(-1, *pairs.shape[2:])  # stream l * N + j
+
+
+def snapshot_bn(layer) -> dict:
+    return {
+        id(m): (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+        for m in layer.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def check_running_stats(layer, before: dict, records: list) -> None:
+    """Running statistics after one training forward: momentum update with the unbiased variance."""
+    assert records
+    for bn, idx, mean, var, count in records:
+        old_mean, old_var, tracked = before[id(bn)]
+        sel = slice(None) if idx is None else idx
+        m = bn.momentum
+        torch.testing.assert_close(bn.running_mean[sel], (1 - m) * old_mean[sel] + m * mean)
+        torch.testing.assert_close(
+            bn.running_var[sel], (1 - m) * old_var[sel] + m * var * count / (count - 1)
+        )
+        assert int(bn.num_batches_tracked) == tracked + 1
+
+
+def exercise_and_check(layer, x: Tensor, exact_training: bool) -> tuple[float, float]:
+    """Random BN, literal train-mode check, 3 train steps, literal eval check, deploy check.
+
+    Returns the (fp64, fp32) relative errors of ``check_equivalence``.
+    """
+    layer = layer.double()
+    x = x.double()
+    randomize_bn(layer)
+    layer.train()
+    params = [p for p in layer.parameters()]
+    x_req = x.clone().requires_grad_(True)
+
+    before, records = snapshot_bn(layer), []
+    expected = literal_forward(layer, x_req, training=True, records=records)
+    weights = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x_req, *params], allow_unused=True)
+
+    out = layer(x_req)
+    assert out.shape == expected.shape
+    if exact_training:  # else: random partition / dropped pairs, only BN statistics are fixed
+        assert rel_err(out, expected) <= FP64_TOL
+    check_running_stats(layer, before, records)
+    grads = torch.autograd.grad((out * weights).sum(), [x_req, *params], allow_unused=True)
+    if exact_training:
+        # relative to the largest gradient: some are ~0 by BN's scale invariance (cancellation)
+        scale = max(float(g.abs().max()) for g in expected_grads if g is not None)
+        for got, want in zip(grads, expected_grads):
+            if want is None:
+                assert got is None or not got.any()
+            else:
+                assert float((got - want).abs().max()) <= 1e-11 * scale
+    for _ in range(2):
+        layer(x).sum().backward()
+
+    layer.eval()
+    with torch.no_grad():
+        assert rel_err(layer(x), literal_forward(layer, x, training=False)) <= FP64_TOL
+    err64 = neusub.check_equivalence(layer, x)
+    err32 = neusub.check_equivalence(copy.deepcopy(layer).float(), x.float())
+    assert err64 <= FP64_TOL, err64
+    assert err32 <= FP32_TOL, err32
+    return err64, err32
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def conv_case(recipe, conn_id, channels_id, k, stride, dilation):
+    connectivity, streams, stochastic, neural_drop, bundled = CONNECTIVITY[conn_id]
+    c_in, c_out, groups = CHANNELS[channels_id]
+    layer = RepConv2d(
+        c_in, c_out, k, stride, dilation=dilation, groups=groups, recipe=recipe,
+        connectivity=connectivity, in_streams=streams, stochastic=stochastic, neural_drop=neural_drop,
+    )  # fmt: skip
+    shape = (BATCH, c_in, SIZE, SIZE)
+    if connectivity != "block" and (streams > 1 or bundled):
+        shape = (streams, *shape)
+    return layer, torch.randn(shape, dtype=torch.float64), stochastic == 0 and neural_drop == 0
+
+
+@pytest.mark.parametrize("channels_id", list(CHANNELS))
+@pytest.mark.parametrize("k", KERNELS)
+@pytest.mark.parametrize("conn_id", list(CONNECTIVITY))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_conv_grid_exact(recipe, conn_id, k, channels_id):
+    for stride, dilation in STRIDE_DILATION:
+        torch.manual_seed(zlib.crc32(repr((recipe, conn_id, k, channels_id, stride, dilation)).encode()))
+        layer, x, exact_training = conv_case(recipe, conn_id, channels_id, k, stride, dilation)
+        exercise_and_check(layer, x, exact_training)
+
+
+def test_grid_construction_errors_are_exactly_even_kernels_of_centred_recipes():
+    """Nothing in the grid raises; adding even kernels raises exactly for the centred recipes."""
+    raised = set()
+    for recipe, conn_id, channels_id, k, (stride, dilation) in itertools.product(
+        RECIPES, CONNECTIVITY, CHANNELS, (*KERNELS, 2, 4), STRIDE_DILATION
+    ):
+        try:
+            conv_case(recipe, conn_id, channels_id, k, stride, dilation)
+        except ValueError as err:
+            assert "even" in str(err)
+            raised.add((recipe, k))
+    assert raised == {(r, k) for r in CENTRED for k in (2, 4)}
+
+
+@pytest.mark.parametrize("recipe", ["plain", "conv2", "conv3"])
+def test_even_kernels_for_non_centred_recipes(recipe):
+    for k, padding in [(2, 0), (2, 1), (4, 1)]:
+        layer = RepConv2d(3, 5, k, padding=padding, recipe=recipe, connectivity="ns")
+        exercise_and_check(layer, torch.randn(BATCH, 3, SIZE, SIZE), exact_training=True)
+
+
+def test_rectangular_kernels_and_asymmetric_stride():
+    for recipe in ["repvgg", "acnet+", "dbb", "nsnet", "mobileone"]:
+        layer = RepConv2d(4, 6, (3, 5), stride=(1, 2), dilation=(2, 1), recipe=recipe, connectivity="ns")
+        exercise_and_check(layer, torch.randn(BATCH, 4, SIZE, SIZE), exact_training=True)
+
+
+@pytest.mark.parametrize("recipe", ["repvgg", "acnet", "dbb", "mobileone", "nsnet"])
+def test_naive_connectivity_conv(recipe):
+    for streams, channels_id in [(1, "dense"), (2, "depthwise"), (3, "grouped")]:
+        c_in, c_out, groups = CHANNELS[channels_id]
+        layer = RepConv2d(
+            c_in, c_out, 3, groups=groups, recipe=recipe, connectivity="naive", in_streams=streams
+        )
+        x = torch.randn(streams, BATCH, c_in, SIZE, SIZE)
+        assert layer.out_streams == streams * layer.num_branches
+        assert layer(x).shape[0] == layer.out_streams
+        exercise_and_check(layer, x, exact_training=True)
+
+
+def test_mobileone_options():
+    for branches in (1, 2, 4):
+        layer = RepConv2d(
+            4, 4, 3, recipe=neusub.Recipe("mobileone", {"num_conv_branches": branches}), connectivity="ns"
+        )
+        # k conv branches + scale + identity
+        assert layer.num_branches == branches + 2
+        exercise_and_check(layer, torch.randn(BATCH, 4, SIZE, SIZE), exact_training=True)
+
+
+# --------------------------------------------------------------------------- RepLinear
+
+LINEAR_CONNECTIVITY = {
+    "block": ("block", 1, 0.0, 0.0),
+    "ns": ("ns", 3, 0.0, 0.0),
+    "ns-stoch": ("ns", 3, 1.0, 0.2),
+    "naive": ("naive", 2, 0.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["SBD", "SBTD"])
+@pytest.mark.parametrize("features", [(4, 4), (4, 6)], ids=["square", "wide"])
+@pytest.mark.parametrize("conn_id", list(LINEAR_CONNECTIVITY))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_linear_exact(recipe, conn_id, features, tokens):
+    connectivity, streams, stochastic, neural_drop = LINEAR_CONNECTIVITY[conn_id]
+    torch.manual_seed(len(recipe) + streams)
+    layer = RepLinear(*features, recipe, connectivity, streams, stochastic, neural_drop)
+    shape = (BATCH, 3, features[0]) if tokens else (BATCH, features[0])
+    if connectivity != "block":
+        shape = (streams, *shape)
+    x = torch.randn(shape)
+    out = layer(x)
+    extra = 0 if connectivity == "block" else 1
+    assert out.shape == (*((layer.out_streams,) if extra else ()), *shape[extra:-1], features[1])
+    exercise_and_check(layer, x, exact_training=stochastic == 0 and neural_drop == 0)
+
+
+@pytest.mark.parametrize("recipe", ["repvgg", "dbb", "nsnet"])
+def test_linear_one_stream_bundle(recipe):
+    """in_streams=1 with a 1-stream bundle ``(1, B, [T,] D)`` and with a plain ``(B, D)``."""
+    for shape in [(1, BATCH, 5, 4), (1, BATCH, 4), (BATCH, 4)]:
+        layer = RepLinear(4, 4, recipe, "ns")
+        exercise_and_check(layer, torch.randn(shape), exact_training=True)
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def _walk_is_plain(module: nn.Module) -> None:
+    from neusub.branches import ConvBranch, FixedBranch, SequentialBranch
+
+    for m in module.modules():
+        assert not isinstance(m, nn.modules.batchnorm._BatchNorm), m
+        assert not isinstance(m, neusub.StreamModule), m
+        assert not isinstance(m, (ConvBranch, FixedBranch, SequentialBranch, nn.ModuleDict)), m
+
+
+def _trained_layer(recipe, connectivity="ns", streams=2, **kwargs):
+    torch.manual_seed(0)
+    layer = RepConv2d(4, 4, 3, recipe=recipe, connectivity=connectivity, in_streams=streams, **kwargs)
+    randomize_bn(layer)
+    x = torch.randn(streams, BATCH, 4, SIZE, SIZE) if connectivity != "block" else torch.randn(BATCH, 4, 7, 7)
+    for _ in range(2):
+        layer(x).sum().backward()
+    return layer, x
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_deployed_is_one_plain_conv(recipe):
+    for connectivity, streams, groups, c_out in [("ns", 2, 1, 6), ("block", 1, 4, 4), ("naive", 3, 2, 4)]:
+        layer = RepConv2d(
+            4, c_out, 3, 2, groups=groups, recipe=recipe, connectivity=connectivity, in_streams=streams
+        )
+        deployed = neusub.deploy(layer)
+        assert type(deployed) is nn.Conv2d
+        reference = nn.Conv2d(4, c_out, 3, 2, 1, groups=groups, bias=True)
+        assert sum(p.numel() for p in deployed.parameters()) == sum(p.numel() for p in reference.parameters())
+        assert (deployed.kernel_size, deployed.stride, deployed.padding, deployed.groups) == (
+            reference.kernel_size, reference.stride, reference.padding, reference.groups,
+        )  # fmt: skip
+        assert not deployed.training
+        _walk_is_plain(deployed)
+
+    lin = neusub.deploy(RepLinear(4, 6, recipe, "ns", in_streams=3))
+    assert type(lin) is nn.Linear and lin.bias is not None
+    assert sum(p.numel() for p in lin.parameters()) == 4 * 6 + 6
+
+
+@pytest.mark.parametrize("recipe", ["dbb", "nsnet", "mobileone"])
+def test_deploy_leaves_original_untouched_and_trainable(recipe):
+    layer, x = _trained_layer(recipe, stochastic=1.0, neural_drop=0.1)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    was_training = layer.training
+    neusub.deploy(layer)
+    neusub.check_equivalence(layer, x)
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert layer.training == was_training
+    assert isinstance(layer.branches, nn.ModuleDict) and not layer.deployed
+
+    # the original still trains: a step changes its parameters and its output
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    opt.zero_grad()
+    (layer(x) ** 2).mean().backward()
+    opt.step()
+    assert any(not torch.equal(before[name], p) for name, p in layer.named_parameters())
+    assert neusub.check_equivalence(layer.double(), x.double()) <= FP64_TOL
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_deploy_before_any_forward_is_exact(recipe):
+    for streams in (1, 3):
+        layer = RepConv2d(4, 4, 3, recipe=recipe, connectivity="ns", in_streams=streams).double()
+        randomize_bn(layer, seed=streams)
+        x = torch.randn(streams, BATCH, 4, SIZE, SIZE, dtype=torch.float64)
+        assert all(int(m.num_batches_tracked) == 0 for m in layer.modules() if isinstance(m, nn.BatchNorm2d))
+        assert neusub.check_equivalence(layer, x) <= FP64_TOL
+
+
+@pytest.mark.parametrize("recipe", ["repvgg", "acnet+", "dbb", "nsnet"])
+def test_deploy_twice_and_reparameterize(recipe):
+    layer, x = _trained_layer(recipe, streams=3)
+    layer = layer.double()
+    x = x.double()
+    first, second = neusub.deploy(layer), neusub.deploy(layer)
+    assert first is not second
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    again = neusub.deploy(first)  # deploying a deployed network changes nothing
+    assert type(again) is nn.Conv2d
+    assert torch.equal(again.weight, first.weight) and torch.equal(again.bias, first.bias)
+    inplace = neusub.deploy(copy.deepcopy(layer), inplace=True)
+    assert torch.equal(inplace.weight, first.weight)
+
+    plain_x = x.sum(0)
+    layer.eval()
+    expected = layer(x).sum(0)
+    layer.reparameterize()
+    assert layer.deployed
+    _walk_is_plain(layer.plain)
+    out = layer(plain_x)
+    assert torch.equal(out, first(plain_x))
+    assert rel_err(out, expected) <= FP64_TOL
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.reparameterize()  # idempotent
+    assert layer.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(layer(plain_x), out)
+    assert "in_streams=3" in repr(layer)  # still printable after reparameterize
+    assert layer.out_streams == layer.num_branches
+    assert type(neusub.deploy(layer)) is nn.Conv2d  # a reparameterized layer deploys to its plain form
+    _walk_is_plain(neusub.deploy(layer))
+
+
+def test_deploy_result_dtype_follows_model():
+    layer, x = _trained_layer("dbb")
+    assert neusub.deploy(layer).weight.dtype == torch.float32
+    assert neusub.deploy(layer.double()).weight.dtype == torch.float64
