@@ -230,12 +230,20 @@ def _median_time(fn, warmup: int = 1, iters: int = 5) -> tuple[float, float, flo
 # --------------------------------------------------------------------------- profiling
 
 
-def _categorise(events, x_numel: int, z_numel: int, iters: int) -> dict[str, float]:
-    """Self CPU ms per step by component. Convolution and BatchNorm ops are known by name;
-    other big ops by the size of their first input: the stacked output's size (S·B·N·C·H·W)
-    marks the partition einsum (its permute copies and bmm), the input's size the input
-    moments (centring, covariance bmm and their backward). The rest are small-tensor ops:
-    kernel composition, running statistics, views and autograd bookkeeping."""
+def _categorise(events, setup: Setup, iters: int) -> dict[str, float]:
+    """Self CPU ms per step by component of the fast path.
+
+    Convolution and BatchNorm ops are known by their names; the other large ops by the
+    shapes of their inputs: the partition einsum works on 6-D views of the stacked output
+    and on ``(1, ·, B·C_out·H·W)`` matrices; the input moments on ``(S·B, C, H·W)`` (and
+    its transpose / per-sample covariances ``(S·B, C, C)``), including the accumulation of
+    their gradient into the input's. The rest are small-tensor ops: kernel composition,
+    running statistics, views and autograd bookkeeping.
+    """
+    layer, x = setup.layer, setup.x
+    s, b, c, h, w = x.shape
+    columns = b * layer.geom.out_channels * h * w  # stride 1: output positions = input positions
+    moment_shapes = {(s * b, c, h * w), (s * b, h * w, c), (s * b, c, c), (s * b, c, h, w)}
     totals = {
         "stacked conv (forward + backward)": 0.0,
         "stacked BatchNorm (forward + backward)": 0.0,
@@ -245,17 +253,14 @@ def _categorise(events, x_numel: int, z_numel: int, iters: int) -> dict[str, flo
     }
     names = list(totals)
     for e in events:
-        shapes = [s for s in (e.input_shapes or []) if s]
-        numel = 1
-        for d in shapes[0] if shapes else []:
-            numel *= d
+        shapes = [tuple(shape) for shape in (e.input_shapes or []) if shape]
         if "convolution" in e.key:
             key = names[0]
         elif "batch_norm" in e.key:
             key = names[1]
-        elif numel == z_numel or (e.key == "aten::bmm" and numel * 4 >= z_numel):
+        elif any(len(shape) >= 6 or columns in shape for shape in shapes):
             key = names[2]
-        elif numel == x_numel:
+        elif any(shape in moment_shapes for shape in shapes):
             key = names[3]
         else:
             key = names[4]
@@ -276,9 +281,7 @@ def profile_fast(args: argparse.Namespace, iters: int, iters_components: int = 5
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48)
     events = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in events)
-    x_numel = setup.x.numel()
-    z_numel = x_numel // layer.geom.in_channels * layer.geom.out_channels * layer.num_branches
-    categories = _categorise(prof.key_averages(group_by_input_shape=True), x_numel, z_numel, iters)
+    categories = _categorise(prof.key_averages(group_by_input_shape=True), setup, iters)
     by_op = sorted(
         ((e.key, e.self_cpu_time_total / 1e3 / iters, e.count // iters) for e in events),
         key=lambda r: -r[1],

@@ -119,7 +119,6 @@ def _profile_labels(enabled: bool):
     import torch
     from torch.profiler import record_function
 
-    import neusub.branches as branches
     import neusub.layers as layers
     import neusub.streams as streams
 
@@ -142,7 +141,6 @@ def _profile_labels(enabled: bool):
     wrap(streams.StreamAdd, "forward_streams", "neusub::stream_add")
     wrap(streams.StreamMerge, "forward_streams", "neusub::stream_merge")
     wrap(torch.nn.BatchNorm2d, "forward", "neusub::batch_norm (stacked BN)")
-    del branches
 
     original_run = layers._RepLayer._run_branches
 
@@ -376,6 +374,12 @@ def _verdict(ok: bool | None) -> str:
     return "" if ok is None else ("met" if ok else "**missed**")
 
 
+def _base_value(r: dict, key: str) -> float:
+    """A baseline's median (time or CPU time): the mean over its run and its re-run, if any."""
+    runs = [r] + ([r["rerun"]] if "rerun" in r else [])
+    return statistics.mean(run[key] for run in runs)
+
+
 def summarize(results: dict[str, dict]) -> list[dict]:
     rows = []
     for name, r in results.items():
@@ -391,9 +395,10 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             + (f" (stochastic={cfg.stochastic:g})" if cfg.stochastic else ""),
             "batch": cfg.batch,
             "steps": r["steps"],
-            "median_s": r["median_s"],
+            "median_s": _base_value(r, "median_s"),
+            "runs_median_s": [r["median_s"]] + ([r["rerun"]["median_s"]] if "rerun" in r else []),
             "peak_rss_gb": _gb(r["peak_rss_kib"]),
-            "median_cpu_s": r["median_cpu_s"],
+            "median_cpu_s": _base_value(r, "median_cpu_s"),
             "fwd_conv_gflop": r["fwd_conv_flops"] / 1e9,
             "time_ratio": None,
             "cpu_time_ratio": None,
@@ -406,8 +411,8 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             "rss_ok": None,
         }
         if base is not None:
-            row["time_ratio"] = r["median_s"] / base["median_s"]
-            row["cpu_time_ratio"] = r["median_cpu_s"] / base["median_cpu_s"]
+            row["time_ratio"] = r["median_s"] / _base_value(base, "median_s")
+            row["cpu_time_ratio"] = r["median_cpu_s"] / _base_value(base, "median_cpu_s")
             row["conv_flops_ratio"] = r["fwd_conv_flops"] / base["fwd_conv_flops"]
             row["train_conv_flops_ratio"] = r["train_conv_flops"] / base["train_conv_flops"]
             row["rss_ratio"] = r["peak_rss_kib"] / base["peak_rss_kib"]
@@ -427,7 +432,9 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
     out = [
         f"Train step (zero_grad + forward + cross-entropy + backward + SGD), CPU, "
         f"{meta['threads']} threads, random 3×{IMAGE}×{IMAGE} data, {NUM_CLASSES} classes, "
-        f"cifar stem; one fresh process per model. torch {meta['torch']}. "
+        f"cifar stem; one fresh process per model. torch {meta['torch']}, neusub sources "
+        f"{meta.get('neusub_src_sha1')} (commit {meta.get('git_commit', '?')}"
+        f"{', uncommitted changes' if meta.get('src_dirty') else ''}). "
         f"Load average (1/5/15 min) before {meta['loadavg_before']}, after {meta['loadavg_after']}.",
         "",
         "| config | model | recipe | connectivity | batch | steps | median step (s) | time × plain "
@@ -441,11 +448,14 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
             if r["conv_flops_ratio"] is None
             else f"{r['conv_flops_ratio']:.2f}; {r['train_conv_flops_ratio']:.2f}"
         )
+        median = f"{r['median_s']:.2f}"
+        if len(r["runs_median_s"]) > 1:
+            median += " (mean of " + ", ".join(f"{t:.2f}" for t in r["runs_median_s"]) + ")"
         target_t = "—" if r["target_time"] is None else f"≤ {r['target_time']:g}× {_verdict(r['time_ok'])}"
         target_m = "—" if r["target_rss_gb"] is None else f"≤ {r['target_rss_gb']:g} {_verdict(r['rss_ok'])}"
         out.append(
             f"| {r['name']} | {r['model']} | {r['recipe']} | {r['connectivity']} | {r['batch']} "
-            f"| {r['steps']} | {r['median_s']:.2f} | {_fmt(r['time_ratio'], '.2f', '×')} "
+            f"| {r['steps']} | {median} | {_fmt(r['time_ratio'], '.2f', '×')} "
             f"| {_fmt(r['cpu_time_ratio'], '.2f', '×')} | {flops} "
             f"| {target_t} | {r['peak_rss_gb']:.2f} | {_fmt(r['rss_ratio'], '.2f', '×')} | {target_m} |"
         )
@@ -486,11 +496,34 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         "",
         "Ratios are to the plain model of the same depth measured in the same run. Conv FLOPs count "
         "every convolution executed in a training step (FlopCounterMode): the forward ratio is the "
-        "bound a time ratio is judged against. Targets apply to the wall-time ratio; the CPU-time "
-        "ratio (process CPU seconds per step) is less disturbed by other load on the machine. "
+        "bound a time ratio is judged against. A baseline run again after its dependents "
+        "(--no-bracket to skip) enters the ratios as the mean of its runs. Targets apply to the "
+        "wall-time ratio; the CPU-time ratio (process CPU seconds per step) is less disturbed by "
+        "other load on the machine. "
         "Peak RSS is the worker's ru_maxrss; GB = 10⁹ bytes.",
     ]
     return "\n".join(out)
+
+
+def _code_version() -> dict:
+    """Git commit, whether src/ has uncommitted changes, and a hash of the neusub sources."""
+    import hashlib
+
+    import neusub
+
+    root = Path(neusub.__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    info = {"neusub_src_sha1": digest.hexdigest()[:12]}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(root)]
+        info["git_commit"] = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True)
+        info["src_dirty"] = bool(status.stdout.strip())
+    return info
 
 
 def parent_main(args: argparse.Namespace) -> None:
@@ -518,9 +551,22 @@ def parent_main(args: argparse.Namespace) -> None:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "loadavg_before": [round(v, 2) for v in os.getloadavg()],
+        **_code_version(),
     }
+    schedule = list(names)
+    if args.bracket:  # re-run each baseline after its last dependent: ratios use the mean of both runs
+        for base in [n for n in names if n in CONFIGS and CONFIGS[n].baseline is None]:
+            deps = [i for i, n in enumerate(schedule) if n in CONFIGS and CONFIGS[n].baseline == base]
+            if deps:
+                schedule.insert(deps[-1] + 1, base)
     t0 = time.perf_counter()
-    results = {name: run_worker(name, args) for name in names}
+    results: dict[str, dict] = {}
+    for name in schedule:
+        result = run_worker(name, args)
+        if name in results:
+            results[name]["rerun"] = result
+        else:
+            results[name] = result
     meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     meta["wall_s"] = time.perf_counter() - t0
     rows = summarize(results)
@@ -551,6 +597,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--budget", type=float, default=300.0,
         help="stop a config's timed steps (keeping >= 2) once they took this many seconds",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-bracket", dest="bracket", action="store_false",
+        help="do not re-run each baseline after its dependents (by default ratios use the mean of both runs)",
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps, 6 inference iterations")
     p.add_argument(

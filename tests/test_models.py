@@ -283,7 +283,7 @@ def folded_torchvision_count(tv: nn.Module) -> int:
     return n_params(tv) - sum(2 * bn.num_features for bn in bns) + sum(bn.num_features for bn in bns)
 
 
-@pytest.mark.parametrize("name, recipe", [("resnet18", "nsnet"), ("resnet50", "dbb")])
+@pytest.mark.parametrize("name, recipe", [("resnet18", "dbb"), ("resnet50", "dbb")])
 def test_full_size_resnet_param_count_matches_torchvision(name, recipe):
     model = neusub.create_model(name, recipe=recipe, connectivity="ns")
     deployed = neusub.deploy(model)  # no forward

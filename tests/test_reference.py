@@ -4,6 +4,11 @@ For each geometry two deep copies of one layer (randomised BN affine parameters 
 running statistics) are run: the fast path ``layer(x)`` and ``literal_forward``.
 Both see the same partition: the canonical one, or a fixed mixing returned by a
 monkeypatched ``neusub.layers.draw_mixing`` (random partitions, neural-drop weights).
+Checked: (a) training outputs, (b) gradients of the input and of every parameter for a
+random upstream gradient, (c) running statistics of inner and outer BNs after three
+training forwards, (d) eval outputs after that. Gradients that are exactly zero (inner BN
+shifts, cancelled by the training-mode outer BN) or O(eps) are compared with a floor
+relative to the layer's largest gradient, see ``_check_forward_and_grads``.
 """
 
 from __future__ import annotations

@@ -29,19 +29,32 @@ class Moments:
     count: int
 
 
+class _Covariance(torch.autograd.Function):
+    """Biased channel covariance of ``(N, C, L)`` from centred values (two-pass).
+
+    Saves only the input (which the layer's conv keeps anyway) and the mean; the
+    centred copy is recomputed in backward. The gradient is exact:
+    ``∂cov/∂x = (G + Gᵀ)/n · (x − m)`` (the mean's own term sums to zero).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        mean = x.mean((0, 2))
+        centred = x - mean[:, None]
+        ctx.save_for_backward(x, mean)
+        return (centred @ centred.transpose(1, 2)).sum(0) / (x.shape[0] * x.shape[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, mean = ctx.saved_tensors
+        sym = (grad + grad.T) / (x.shape[0] * x.shape[2])
+        return sym @ (x - mean[:, None])
+
+
 def input_moments(x: Tensor) -> Moments:
     """Moments of ``x``: ``(N, C, H, W)`` or ``(N, C)`` (rows × features)."""
-    channels = x.shape[1]
-    if x.dim() == 2:
-        mean = x.mean(0)
-        centred = x - mean
-        return Moments(mean, centred.T @ centred / x.shape[0], x.shape[0])
-    flat = x.reshape(x.shape[0], channels, -1)
-    mean = flat.mean((0, 2))
-    centred = flat - mean[:, None]  # two-pass: no E[x²] − μ² cancellation
-    count = flat.shape[0] * flat.shape[2]
-    cov = (centred @ centred.transpose(1, 2)).sum(0) / count
-    return Moments(mean, cov, count)
+    flat = x.reshape(x.shape[0], x.shape[1], -1) if x.dim() > 2 else x.T.unsqueeze(0)
+    return Moments(flat.mean((0, 2)), _Covariance.apply(flat), flat.shape[0] * flat.shape[2])
 
 
 def _conv_weight(out_ch: int, in_per_group: int, kernel: tuple[int, int]) -> nn.Parameter:

@@ -75,7 +75,9 @@ def resnet_name(model: nn.Module) -> str:
 def _plain_conv(conv: nn.Module, where: str) -> nn.Conv2d:
     """A bias-free copy of a deployed conv (its bias goes to the BN that follows)."""
     if type(conv) is not nn.Conv2d:
-        raise ValueError(f"to_torchvision: expected a deployed nn.Conv2d at {where}, got {type(conv).__name__}")
+        raise ValueError(
+            f"to_torchvision: expected a deployed nn.Conv2d at {where}, got {type(conv).__name__}"
+        )
     w = conv.weight
     out = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -124,9 +126,10 @@ def to_torchvision(model: nn.Module):
     name = resnet_name(model)
     plain = deploy(model)
     block_kind, layers, extra = RESNETS[name]
-    tv_block = {BasicBlock: torchvision.models.resnet.BasicBlock, Bottleneck: torchvision.models.resnet.Bottleneck}[
-        block_kind
-    ]
+    tv_block = {
+        BasicBlock: torchvision.models.resnet.BasicBlock,
+        Bottleneck: torchvision.models.resnet.Bottleneck,
+    }[block_kind]
     with torch.device("meta"):  # every module with parameters is replaced below
         tv = torchvision.models.ResNet(
             tv_block, layers, num_classes=plain.fc.out_features,
@@ -157,9 +160,7 @@ def to_torchvision(model: nn.Module):
                 theirs.downsample = None
             else:
                 down = ours.downsample
-                theirs.downsample = nn.Sequential(
-                    _plain_conv(down, f"{where}.downsample"), _bias_bn(down)
-                )
+                theirs.downsample = nn.Sequential(_plain_conv(down, f"{where}.downsample"), _bias_bn(down))
             theirs.stride = theirs.conv2.stride[0]
     fc = plain.fc
     tv.fc = nn.Linear(fc.in_features, fc.out_features, device=fc.weight.device, dtype=fc.weight.dtype)

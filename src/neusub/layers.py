@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import fusion
 from .branches import SequentialBranch, input_moments, make_branch
-from .partition import draw_mixing
+from .partition import draw_mixing, partition_sum
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .streams import MAX_NAIVE_STREAMS, StreamModule, check_probability, check_streams
 
@@ -144,10 +144,7 @@ class _RepLayer(StreamModule):
         if not self.training or (self.stochastic == 0 and self.neural_drop == 0):
             return z.sum(0).movedim(2, 0)  # output i = branch i over every input stream
         mixing = draw_mixing(z.shape[1], streams, n, self.stochastic, self.neural_drop, self.generator)
-        mixing = mixing.to(device=z.device, dtype=z.dtype)
-        if mixing.dim() == 3:
-            return torch.einsum("ilj,lbgjcx->ibgcx", mixing, z)
-        return torch.einsum("bilj,lbgjcx->ibgcx", mixing, z)
+        return partition_sum(z, mixing)
 
     def _check_features(self, x: Tensor, dim: int, expected: int, what: str) -> None:
         if x.shape[dim] != expected:

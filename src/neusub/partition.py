@@ -57,3 +57,51 @@ def draw_mixing(
         keep = pair_keep_mask(batch, streams, branches, neural_drop, generator)
         matrix = matrix[None] * keep[:, None]
     return matrix
+
+
+def _routes(mixing: Tensor) -> tuple[list[tuple[int, int, int]], Tensor]:
+    """Mixing matrix → ``[(output i, stream l, branch j)]`` and pair weights ``(S, N)`` or ``(B, S, N)``."""
+    per_sample = mixing.dim() == 4
+    out_axis = 1 if per_sample else 0
+    if bool(((mixing != 0).sum(out_axis) > 1).any()):
+        raise ValueError("mixing matrix is not a partition: a (stream, branch) pair feeds several outputs")
+    target = (mixing != 0).sum(0).argmax(0) if per_sample else (mixing != 0).to(torch.uint8).argmax(0)
+    streams, branches = target.shape
+    routes = [(int(target[l, j]), l, j) for l in range(streams) for j in range(branches)]
+    return routes, mixing.sum(out_axis)
+
+
+class _PartitionSum(torch.autograd.Function):
+    """``out[i] = Σ w_lj · z[l, :, :, j]`` over the pairs routed to output ``i``.
+
+    ``z``: ``(S, B, G, N, C, L)`` → ``(n_out, B, G, C, L)``. Strided reads and in-place adds:
+    no permuted copy of ``z`` in forward, one write of ``grad_z`` in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, weights: Tensor, routes: list, n_out: int) -> Tensor:
+        out = z.new_zeros(n_out, z.shape[1], z.shape[2], z.shape[4], z.shape[5])
+        for i, l, j in routes:
+            out[i].add_(z[l, :, :, j] * _weight(weights, l, j))
+        ctx.routes, ctx.z_shape = routes, z.shape
+        ctx.save_for_backward(weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weights,) = ctx.saved_tensors
+        grad_z = grad.new_empty(ctx.z_shape)
+        for i, l, j in ctx.routes:
+            torch.mul(grad[i], _weight(weights, l, j), out=grad_z[l, :, :, j])
+        return grad_z, None, None, None
+
+
+def _weight(weights: Tensor, l: int, j: int) -> Tensor:
+    w = weights[..., l, j]
+    return w.view(-1, 1, 1, 1) if w.dim() == 1 else w
+
+
+def partition_sum(z: Tensor, mixing: Tensor) -> Tensor:
+    """Apply a partition's mixing matrix to the pair tensor ``z`` ``(S, B, G, N, C, L)``."""
+    routes, weights = _routes(mixing)
+    return _PartitionSum.apply(z, weights.to(device=z.device, dtype=z.dtype), routes, mixing.shape[-3])

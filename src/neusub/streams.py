@@ -98,13 +98,14 @@ class StreamModule(nn.Module):
 
 # --------------------------------------------------------------------------- guided ops
 
+# act(z) = z * gate(z); each maps (bundle x, sum z, slope) -> x * gate(z). The piecewise
+# gates use torch.where so that backward keeps a bool mask, not a float gate.
 _GATES = {
-    # act(z) = z * gate(z)
-    "relu": lambda z, slope: (z > 0).to(z.dtype),
-    "leaky_relu": lambda z, slope: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope)),
-    "silu": lambda z, slope: torch.sigmoid(z),
-    "gelu": lambda z, slope: 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)),
-    "hardswish": lambda z, slope: F.relu6(z + 3.0) / 6.0,
+    "relu": lambda x, z, slope: torch.where(z > 0, x, 0.0),
+    "leaky_relu": lambda x, z, slope: torch.where(z > 0, x, x * slope),
+    "silu": lambda x, z, slope: x * torch.sigmoid(z),
+    "gelu": lambda x, z, slope: x * (0.5 * (1.0 + torch.erf(z * 0.7071067811865476))),
+    "hardswish": lambda x, z, slope: x * (F.relu6(z + 3.0) / 6.0),
 }
 _PLAIN_ACTS = {
     "relu": lambda slope: nn.ReLU(),
@@ -145,7 +146,7 @@ class GuidedActivation(StreamModule):
         if self.in_streams == 1:  # nothing to guide: the plain activation
             return _PLAIN_FNS[self.act](x, self.negative_slope)
         x = self._bundle(x)
-        return x * _GATES[self.act](x.sum(0), self.negative_slope)
+        return _GATES[self.act](x, x.sum(0), self.negative_slope)
 
     def fuse(self) -> nn.Module:
         return _PLAIN_ACTS[self.act](self.negative_slope)

@@ -46,7 +46,9 @@ def safe_load(path: str | Path, expect: str = FORMAT) -> dict:
             "from another program — use a last.pt written by `neusub train`"
         ) from None
     if not isinstance(obj, dict) or obj.get("format") != expect:
-        raise CLIError(f"{path} is not a {expect} file; use a file written by `neusub train` / `neusub deploy`")
+        raise CLIError(
+            f"{path} is not a {expect} file; use a file written by `neusub train` / `neusub deploy`"
+        )
     return obj
 
 
@@ -55,8 +57,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(int, np_state[2:4]),
-                  float(np_state[4])],  # fmt: skip
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            *map(int, np_state[2:4]),
+            float(np_state[4]),
+        ],  # fmt: skip
         "python": _python_state_to_lists(random.getstate()),
     }
     if torch.cuda.is_available():

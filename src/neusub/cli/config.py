@@ -111,7 +111,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         else:
             values = json.loads(file.read_text())
     except Exception as err:
-        raise CLIError(f"config file {path} cannot be parsed ({err}); use JSON or TOML (Python >= 3.11)") from None
+        raise CLIError(
+            f"config file {path} cannot be parsed ({err}); use JSON or TOML (Python >= 3.11)"
+        ) from None
     unknown = sorted(set(values) - FIELDS)
     if unknown:
         raise CLIError(f"config file {path}: unknown keys {unknown}; valid keys: {', '.join(sorted(FIELDS))}")

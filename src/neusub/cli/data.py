@@ -86,7 +86,7 @@ def _fashion_root(path: str | None) -> Path:
             raise _missing("fashion-mnist", str(source), f" (missing {name}[.gz])")
         raw.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
-        with (gzip.open(packed) if packed.is_file() else open(plain, "rb")) as src, open(tmp, "wb") as dst:
+        with gzip.open(packed) if packed.is_file() else open(plain, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(tmp, target)
     return cache
@@ -123,7 +123,9 @@ def _load_features(path: str | None) -> tuple[Dataset, Dataset, DataInfo]:
         if pt.is_file():
             try:
                 obj = torch.load(pt, map_location="cpu", weights_only=True)
-                pairs.append((torch.as_tensor(obj["features"]).float(), torch.as_tensor(obj["labels"]).long()))
+                pairs.append(
+                    (torch.as_tensor(obj["features"]).float(), torch.as_tensor(obj["labels"]).long())
+                )
             except Exception:
                 raise _missing("features", str(pt), " (unreadable or missing 'features'/'labels')") from None
         elif feats.is_file() and labels.is_file():

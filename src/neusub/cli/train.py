@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,9 @@ class Trainer:
         self.batches = SeededBatches(self.train_set, cfg.batch_size, cfg.seed, self.env.rank, self.env.world)
         self.steps_per_epoch = self.batches.set_epoch(0)
         if self.steps_per_epoch == 0:
-            raise CLIError(f"--batch-size={cfg.batch_size} leaves no batch per epoch; use a smaller batch size")
+            raise CLIError(
+                f"--batch-size={cfg.batch_size} leaves no batch per epoch; use a smaller batch size"
+            )
 
         model = build_model(cfg, self.info).to(self.env.device)
         if cfg.channels_last:
@@ -123,7 +126,9 @@ class Trainer:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
                                label_smoothing=cfg.label_smoothing, num_classes=self.info.num_classes)  # fmt: skip
         if cfg.bce is not None:
-            self.loss_fn: nn.Module = BinaryCrossEntropy(smoothing=cfg.label_smoothing, target_threshold=cfg.bce)
+            self.loss_fn: nn.Module = BinaryCrossEntropy(
+                smoothing=cfg.label_smoothing, target_threshold=cfg.bce
+            )
         elif self.mixup is not None:
             self.loss_fn = SoftTargetCrossEntropy()
         elif cfg.label_smoothing > 0:
@@ -185,7 +190,9 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).splitlines()[0][:160]
-            raise CLIError(f"checkpoint {path} does not fit this model ({first}); was it made with other settings?")
+            raise CLIError(
+                f"checkpoint {path} does not fit this model ({first}); was it made with other settings?"
+            )
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt["ema"] is not None:
@@ -228,7 +235,9 @@ class Trainer:
             logits = self.net(x)
             loss = self.loss_fn(logits, target)
         if not math.isfinite(loss.item()):
-            raise CLIError(f"loss became {loss.item()} at step {self.global_step}; lower --lr or disable --amp")
+            raise CLIError(
+                f"loss became {loss.item()} at step {self.global_step}; lower --lr or disable --amp"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -241,12 +250,17 @@ class Trainer:
         self.totals["correct"] += int((logits.argmax(1) == y).sum())
         self.totals["count"] += len(y)
 
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        # Its own generator: a DataLoader iterator otherwise draws a base seed from the global
+        # RNG, which would shift every later draw of a resumed run by one.
+        return DataLoader(dataset, num_workers=self.cfg.workers, generator=torch.Generator(), **kwargs)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict:
         model = model or self.net
         was_training = model.training
         model.eval()
-        loader = DataLoader(self.val_set, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.workers)
+        loader = self._loader(self.val_set, batch_size=max(self.cfg.batch_size, 256))
         loss = correct = count = 0.0
         for x, y in loader:
             x, y = self._to_device(x), y.to(self.env.device)
@@ -275,8 +289,7 @@ class Trainer:
         self.net.train()
         while self.epoch < self.cfg.epochs:
             n = self.batches.set_epoch(self.epoch)
-            loader = DataLoader(self.batches, batch_size=None, sampler=range(self.step, n),
-                                num_workers=self.cfg.workers)  # fmt: skip
+            loader = self._loader(self.batches, batch_size=None, sampler=range(self.step, n))
             start = time.perf_counter()
             bar = tqdm(loader, total=n, initial=self.step, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                        disable=not (self.progress and self.env.main), leave=False)  # fmt: skip
@@ -306,7 +319,8 @@ class Trainer:
             if self.progress and self.env.main:
                 tqdm.write(
                     f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
-                    f"train acc {record['train_acc']:.4f}  val acc {record['val_acc']:.4f}"
+                    f"train acc {record['train_acc']:.4f}  val acc {record['val_acc']:.4f}",
+                    file=sys.stderr,  # stdout carries the JSON result
                 )
             self.epoch, self.step = self.epoch + 1, 0
             self.totals = {"loss": 0.0, "correct": 0, "count": 0}
