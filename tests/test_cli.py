@@ -17,9 +17,11 @@ import torch
 
 from neusub.cli import main
 
-TINY = ["--dataset", "digits", "--model", "resnet18", "--width-mult", "0.125", "--stem", "cifar",
-        "--recipe", "nsnet", "--connectivity", "ns", "--stochastic", "1.0", "--neural-drop", "0.1",
-        "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "1", "--batch-size", "128", "--quiet"]  # fmt: skip
+TINY = [
+    "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.125", "--stem", "cifar",
+    "--recipe", "nsnet", "--connectivity", "ns", "--stochastic", "1.0", "--neural-drop", "0.1",
+    "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "1", "--batch-size", "128", "--quiet",
+]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -139,9 +141,11 @@ def _free_port() -> int:
 
 def test_ddp_two_cpu_processes_identical_and_resumable(tmp_path: Path):
     out = tmp_path / "ddp"
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            "-m", "neusub", "train", *TINY, "--epochs", "2", "--ckpt-steps", "2", "--out", str(out)]  # fmt: skip
+    base = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m", "neusub", "train", *TINY, "--epochs", "2", "--ckpt-steps", "2", "--out", str(out),
+    ]  # fmt: skip
     first = subprocess.run([*base, "--stop-after", "4"], env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert torch.load(out / "last.pt", weights_only=True)["global_step"] == 4

@@ -58,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", help="the paper's Appendix B hyper-parameters: " + ", ".join(PRESETS))
     for flag, kind, text in _TRAIN_FLAGS:
         train.add_argument(f"--{flag}", type=kind, default=None, help=text)
-    for flag, text in [("resume", "continue the run in --out"), ("download", "download CIFAR"),
-                       ("amp", "mixed precision"), ("channels-last", "channels_last memory format"),
-                       ("compile", "torch.compile the model"), ("sync-bn", "SyncBatchNorm under DDP")]:  # fmt: skip
+    switches = [
+        ("resume", "continue the run in --out"), ("download", "download CIFAR"), ("amp", "mixed precision"),
+        ("channels-last", "channels_last memory format"), ("compile", "torch.compile the model"),
+        ("sync-bn", "SyncBatchNorm under DDP"),
+    ]  # fmt: skip
+    for flag, text in switches:
         train.add_argument(f"--{flag}", action="store_true", default=None, help=text)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt

@@ -191,7 +191,8 @@ def cmd_demo(out: str | None, fast: bool, progress: bool = True) -> dict:
     """Train a small NS ResNet on digits, deploy it, and show that nothing changed but the cost."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     flags = dict(
-        model="resnet18", recipe="nsnet", connectivity="ns", stochastic=1.0, width_mult=0.125 if fast else 0.25,
+        model="resnet18", recipe="nsnet", connectivity="ns", stochastic=1.0,
+        width_mult=0.125 if fast else 0.25,
         stem="cifar", dataset="digits", epochs=1 if fast else 10, batch_size=128 if fast else 64,
         opt="adamw", lr=3e-3, weight_decay=5e-2,
         warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5, label_smoothing=0.0, drop_path=0.0,

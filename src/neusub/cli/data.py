@@ -28,7 +28,7 @@ FASHION_FILES = (
 )  # fmt: skip
 
 LAYOUTS = {
-    "cifar10": "PATH/cifar-10-batches-py/{data_batch_1..5,test_batch} (torchvision's layout; or pass --download)",
+    "cifar10": "PATH/cifar-10-batches-py/{data_batch_1..5,test_batch} (torchvision's layout; or --download)",
     "cifar100": "PATH/cifar-100-python/{train,test,meta} (torchvision's layout; or pass --download)",
     "imagefolder": "PATH/train/<class>/<image> and PATH/val/<class>/<image>",
     "fashion-mnist": (

@@ -123,8 +123,10 @@ class Trainer:
         )  # fmt: skip
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
-                               label_smoothing=cfg.label_smoothing, num_classes=self.info.num_classes)  # fmt: skip
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing, num_classes=self.info.num_classes,
+            )  # fmt: skip
         if cfg.bce is not None:
             self.loss_fn: nn.Module = BinaryCrossEntropy(
                 smoothing=cfg.label_smoothing, target_threshold=cfg.bce
@@ -182,7 +184,8 @@ class Trainer:
         for key in MODEL_FIELDS:
             if saved.get(key) != getattr(self.cfg, key):
                 raise CLIError(
-                    f"checkpoint {path} was trained with {key}={saved.get(key)!r}, not {getattr(self.cfg, key)!r}; "
+                    f"checkpoint {path} was trained with {key}={saved.get(key)!r}, "
+                    f"not {getattr(self.cfg, key)!r}; "
                     "resume with the run's own settings (omit the flag) or start a new --out folder"
                 )
         try:
@@ -192,7 +195,7 @@ class Trainer:
             first = str(err).splitlines()[0][:160]
             raise CLIError(
                 f"checkpoint {path} does not fit this model ({first}); was it made with other settings?"
-            )
+            ) from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt["ema"] is not None:
