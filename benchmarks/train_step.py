@@ -339,6 +339,7 @@ def worker_main(args: argparse.Namespace) -> None:
         steps = args.steps or cfg.steps
         result = run_train_worker(cfg, steps, args.warmup, args.threads, args.budget, args.profile)
     result["name"] = name
+    result["neusub_src_sha1"] = _code_version(git=False)["neusub_src_sha1"]
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
@@ -492,6 +493,13 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
                 f"| {label} | {med[key] * 1e3:.1f} | {inference['conv_layers'][key]} "
                 f"| {inference['params'][key]:,} | {ratio} | {target} |"
             )
+    versions = meta.get("worker_src_sha1", {})
+    if len(set(versions.values())) > 1:
+        out += [
+            "",
+            "**Warning: the neusub sources changed during this run** (worker → source hash): "
+            + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        ]
     out += [
         "",
         "Ratios are to the plain model of the same depth measured in the same run. Conv FLOPs count "
@@ -505,7 +513,7 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
     return "\n".join(out)
 
 
-def _code_version() -> dict:
+def _code_version(git: bool = True) -> dict:
     """Git commit, whether src/ has uncommitted changes, and a hash of the neusub sources."""
     import hashlib
 
@@ -516,6 +524,8 @@ def _code_version() -> dict:
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
     info = {"neusub_src_sha1": digest.hexdigest()[:12]}
+    if not git:
+        return info
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         git = ["git", "-C", str(root)]
         info["git_commit"] = subprocess.run(
@@ -568,6 +578,11 @@ def parent_main(args: argparse.Namespace) -> None:
         else:
             results[name] = result
     meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    meta["worker_src_sha1"] = {
+        name + suffix: run.get("neusub_src_sha1")
+        for name, r in results.items()
+        for suffix, run in [("", r)] + ([(" (rerun)", r["rerun"])] if "rerun" in r else [])
+    }
     meta["wall_s"] = time.perf_counter() - t0
     rows = summarize(results)
     text = markdown(rows, results.get(INFERENCE), meta)

@@ -198,7 +198,13 @@ def _check_forward_and_grads(case: Case, mode: str, fixed: FixedMixing) -> None:
     names = [name for name, _ in fast.named_parameters()]
     assert names == [name for name, _ in literal.named_parameters()]
     assert {"bn.weight", "bn.bias"} <= set(names)
-    grads_fast = torch.autograd.grad(out_fast, [x_fast, *fast.parameters()], upstream)
+    inputs = [x_fast, *fast.parameters()]
+    # The fast path leaves inner BN shifts out of the training graph (their gradient is exactly
+    # zero: a per-channel constant before a training-mode BN), so autograd reports them unused.
+    grads_fast = [
+        torch.zeros_like(t) if g is None else g
+        for t, g in zip(inputs, torch.autograd.grad(out_fast, inputs, upstream, allow_unused=True))
+    ]
     grads_literal = torch.autograd.grad(out_literal, [x_literal, *literal.parameters()], upstream)
     # Relative error per gradient, with a floor at ZERO_TOL × the largest gradient: some
     # gradients are exactly 0 (inner BN shifts) or O(eps) (a depthwise 1×1 in front of a

@@ -52,8 +52,9 @@ class _Covariance(torch.autograd.Function):
 
 
 def input_moments(x: Tensor) -> Moments:
-    """Moments of ``x``: ``(N, C, H, W)`` or ``(N, C)`` (rows × features)."""
-    flat = x.reshape(x.shape[0], x.shape[1], -1) if x.dim() > 2 else x.T.unsqueeze(0)
+    """Moments of ``x``: ``(N, C, H, W)`` (best channels_last) or ``(N, C)`` (rows × features)."""
+    rows = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() > 2 else x  # a view for channels_last
+    flat = rows.T.unsqueeze(0)  # (1, C, rows)
     return Moments(flat.mean((0, 2)), _Covariance.apply(flat), flat.shape[0] * flat.shape[2])
 
 

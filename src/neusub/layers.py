@@ -132,7 +132,17 @@ class _RepLayer(StreamModule):
         """``op(flat, weight, bias)`` with every branch stacked, then the stacked BN."""
         moments = input_moments(flat) if self.training and self._sequential else None
         weight, bias = self.stacked_kernel(moments, flat)
-        return self.bn(op(flat, weight, bias))
+        bn = self.bn
+        rate = bn.momentum if bn.momentum is not None else 1.0 / (float(bn.num_batches_tracked) + 1.0)
+        if bn.training and bn.track_running_stats and rate < 1.0:
+            # A training-mode BN removes any per-channel constant (its gradient is exactly zero),
+            # so the bias only moves the running mean: pre-shift that by rate/(1-rate)·bias (the
+            # update scales it by 1-rate and adds rate·batch_mean) instead of adding the bias
+            # to the big conv output.
+            with torch.no_grad():
+                bn.running_mean.add_(bias.detach().to(bn.running_mean.dtype), alpha=rate / (1.0 - rate))
+            return bn(op(flat, weight, None))
+        return bn(op(flat, weight, bias))
 
     def _connect(self, z: Tensor, streams: int) -> Tensor:
         """``z``: ``(S, rows, g, N, C_out/g, L)`` → ``(out_streams, rows, g, C_out/g, L)``."""
@@ -222,10 +232,14 @@ class RepConv2d(_RepLayer):
         def conv(flat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
             return F.conv2d(flat, weight, bias, g.stride, g.padding, g.dilation, g.groups)
 
-        z = self._run_branches(bundle.reshape(s * b, *bundle.shape[2:]), conv)
-        spatial = z.shape[2:]
-        out = self._connect(z.view(s, b, g.groups, self.num_branches, -1, spatial.numel()), s)
-        out = out.reshape(-1, b, g.out_channels, *spatial)
+        # channels_last: the wide stacked conv runs ~25% faster in it on CPU (oneDNN), and the
+        # pairs then sit as (S, B, H', W', groups, N, C'/g) in memory, so positions join the
+        # group axis of _connect as a free view. Outputs keep that layout (a permuted view).
+        flat = bundle.reshape(s * b, *bundle.shape[2:]).contiguous(memory_format=torch.channels_last)
+        z = self._run_branches(flat, conv)
+        h, w = z.shape[2:]
+        pairs = z.permute(0, 2, 3, 1).reshape(s, b, h * w * g.groups, self.num_branches, -1, 1)
+        out = self._connect(pairs, s).reshape(-1, b, h, w, g.out_channels).permute(0, 1, 4, 2, 3)
         return out[0] if self.connectivity == "block" else out
 
     def fuse(self) -> nn.Conv2d:

@@ -59,8 +59,9 @@ def draw_mixing(
     return matrix
 
 
-def _routes(mixing: Tensor) -> tuple[list[tuple[int, int, int]], Tensor]:
-    """Mixing matrix → ``[(output i, stream l, branch j)]`` and pair weights ``(S, N)`` or ``(B, S, N)``."""
+def _routes(mixing: Tensor) -> tuple[list[tuple[int, int, int]], Tensor | None]:
+    """Mixing matrix → ``[(output i, stream l, branch j)]`` and pair weights ``(S, N)`` or
+    ``(B, S, N)`` (``None`` for a plain 0/1 partition)."""
     per_sample = mixing.dim() == 4
     out_axis = 1 if per_sample else 0
     if bool(((mixing != 0).sum(out_axis) > 1).any()):
@@ -68,7 +69,8 @@ def _routes(mixing: Tensor) -> tuple[list[tuple[int, int, int]], Tensor]:
     target = (mixing != 0).sum(0).argmax(0) if per_sample else (mixing != 0).to(torch.uint8).argmax(0)
     streams, branches = target.shape
     routes = [(int(target[l, j]), l, j) for l in range(streams) for j in range(branches)]
-    return routes, mixing.sum(out_axis)
+    weights = mixing.sum(out_axis)
+    return routes, None if not per_sample and bool((weights == 1).all()) else weights
 
 
 class _PartitionSum(torch.autograd.Function):
@@ -79,20 +81,26 @@ class _PartitionSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, weights: Tensor, routes: list, n_out: int) -> Tensor:
-        out = z.new_zeros(n_out, z.shape[1], z.shape[2], z.shape[4], z.shape[5])
+    def forward(ctx, z: Tensor, weights: Tensor | None, routes: list, n_out: int) -> Tensor:
+        out = z.new_empty(n_out, z.shape[1], z.shape[2], z.shape[4], z.shape[5])
+        filled = [False] * n_out
         for i, l, j in routes:
-            out[i].add_(z[l, :, :, j] * _weight(weights, l, j))
-        ctx.routes, ctx.z_shape = routes, z.shape
-        ctx.save_for_backward(weights)
+            pair = z[l, :, :, j] if weights is None else z[l, :, :, j] * _weight(weights, l, j)
+            out[i].add_(pair) if filled[i] else out[i].copy_(pair)
+            filled[i] = True
+        for i in (i for i in range(n_out) if not filled[i]):
+            out[i].zero_()
+        ctx.routes, ctx.z_shape, ctx.weights = routes, z.shape, weights
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (weights,) = ctx.saved_tensors
-        grad_z = grad.new_empty(ctx.z_shape)
+        grad_z, weights = grad.new_empty(ctx.z_shape), ctx.weights
         for i, l, j in ctx.routes:
-            torch.mul(grad[i], _weight(weights, l, j), out=grad_z[l, :, :, j])
+            if weights is None:
+                grad_z[l, :, :, j].copy_(grad[i])
+            else:
+                torch.mul(grad[i], _weight(weights, l, j), out=grad_z[l, :, :, j])
         return grad_z, None, None, None
 
 
@@ -104,4 +112,6 @@ def _weight(weights: Tensor, l: int, j: int) -> Tensor:
 def partition_sum(z: Tensor, mixing: Tensor) -> Tensor:
     """Apply a partition's mixing matrix to the pair tensor ``z`` ``(S, B, G, N, C, L)``."""
     routes, weights = _routes(mixing)
-    return _PartitionSum.apply(z, weights.to(device=z.device, dtype=z.dtype), routes, mixing.shape[-3])
+    if weights is not None:
+        weights = weights.to(device=z.device, dtype=z.dtype)
+    return _PartitionSum.apply(z, weights, routes, mixing.shape[-3])
