@@ -108,7 +108,9 @@ def _image_transforms(dataset: str, preset: dict, train: bool):
 
     return create_transform(
         preset.get("img_size", 224), is_training=train, auto_augment=preset.get("rand_augment"),
-        color_jitter=preset.get("color_jitter", 0.0), interpolation=preset.get("interpolation", "bicubic"),
+        color_jitter=preset.get("color_jitter", 0.0),
+        # Appendix B: train interpolation per preset ("random" for ImageNet), test bicubic
+        interpolation=preset.get("interpolation", "bicubic") if train else "bicubic",
         crop_pct=preset.get("crop_pct", 1.0),
     )  # fmt: skip
 

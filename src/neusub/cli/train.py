@@ -144,7 +144,9 @@ class Trainer:
         self.net: nn.Module = model
         if self.env.world > 1:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # Inner BN shifts of composed branches get no gradient (it is exactly zero before a
+            # training-mode BN, so the fast path leaves them out of the graph): let DDP skip them.
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.epoch, self.step, self.global_step = 0, 0, 0
