@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from helpers import randomize_bn
 from timm.utils.model import reparameterize_model
 from torch import Tensor, nn
 
@@ -17,27 +18,6 @@ from neusub.export import SUPPORTED_TORCHVISION, to_onnx, to_torchvision
 
 TOL64, TOL32 = 1e-9, 1e-5
 WIDTH = 0.25
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is as fast, and immune to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n, dtype = module.num_features, module.running_mean.dtype
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.2)
-                module.running_mean.copy_((torch.randn(n, generator=gen) * 0.2).to(dtype))
-                module.running_var.copy_((torch.rand(n, generator=gen) * 1.5 + 0.5).to(dtype))
 
 
 def train_step(model: nn.Module, x: Tensor, num_classes: int) -> None:
@@ -57,7 +37,7 @@ def trained_resnet(name: str, stem: str, dtype: torch.dtype, width: float = WIDT
     torch.manual_seed(0)
     kwargs = {"recipe": "dbb", "connectivity": "ns", "stochastic": 1.0, **kwargs}
     model = neusub.create_model(name, num_classes=10, stem=stem, width_mult=width, **kwargs).to(dtype)
-    randomise_bn(model)
+    randomize_bn(model)
     train_step(model, torch.randn(3, 3, 32, 32, dtype=dtype), 10)
     return model.eval()
 
@@ -172,7 +152,7 @@ def _small_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     else:
         model = neusub.create_model(name, num_classes=10, width_mult=0.125, stem="cifar")
         shape = (2, 3, 32, 32)
-    randomise_bn(model)
+    randomize_bn(model)
     return model.eval(), shape
 
 
@@ -236,7 +216,7 @@ def test_to_onnx_without_onnx_asks_for_the_extra(tmp_path, monkeypatch):
 def test_timm_create_and_reparameterize_model():
     model = timm.create_model("neusub_resnet18", recipe="dbb", connectivity="ns", num_classes=10)
     assert model.fc.out_features == 10 and model.layer1[0].conv1.connectivity == "ns"
-    randomise_bn(model)
+    randomize_bn(model)
     model.eval()
     timm_plain = reparameterize_model(model).eval()
     ours = neusub.deploy(model)

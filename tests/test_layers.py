@@ -18,6 +18,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_bn, rel_err
 from torch import Tensor, nn
 
 import neusub
@@ -44,34 +45,6 @@ FP64_TOL, FP32_TOL = 1e-12, 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    """Random running statistics and affine parameters for every BatchNorm in ``model``."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n, dtype = module.num_features, module.running_mean.dtype
-                module.running_mean.copy_(torch.randn(n, generator=gen, dtype=dtype))
-                module.running_var.copy_(torch.rand(n, generator=gen, dtype=dtype) * 1.5 + 0.5)
-                module.weight.copy_(torch.randn(n, generator=gen, dtype=dtype))
-                module.bias.copy_(torch.randn(n, generator=gen, dtype=dtype))
-
-
-def rel_err(actual: Tensor, expected: Tensor) -> float:
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    actual, expected = actual.detach(), expected.detach()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
 def _literal_bn(z: Tensor, bn: nn.Module, idx: Tensor | None, training: bool, records: list):

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import randomize_bn
 from torch import Tensor, nn
 
 import neusub
@@ -63,15 +64,6 @@ def _grid() -> list:
     return cases
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -102,19 +94,6 @@ def build(name: str, recipe: str, conn: str, dtype: torch.dtype = torch.float64)
         assert not name.startswith(("resnet", "resnext")), f"{name} refused {recipe}/{conn}: {message}"
         return None
     return model.to(dtype)
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    """Random affine parameters and running statistics in every BatchNorm of ``model``."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n, dtype = module.num_features, module.running_mean.dtype
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.2)
-                module.running_mean.copy_((torch.randn(n, generator=gen) * 0.2).to(dtype))
-                module.running_var.copy_((torch.rand(n, generator=gen) * 1.5 + 0.5).to(dtype))
 
 
 def train_steps(model: nn.Module, name: str, dtype: torch.dtype, steps: int = 2, batch: int = 3) -> None:
@@ -166,7 +145,7 @@ def trained_case(name: str, recipe: str, conn: str, dtype: torch.dtype, seed: in
     model = build(name, recipe, conn, dtype)
     if model is None:
         return None
-    randomise_bn(model, seed)
+    randomize_bn(model, seed)
     train_steps(model, name, dtype)
     return model
 
@@ -214,7 +193,7 @@ def test_deploy_exact_before_any_forward(name):
     model = build(name, "nsnet", "ns-stoch")
     if model is None:
         return
-    randomise_bn(model, 2)
+    randomize_bn(model, 2)
     deployed = neusub.deploy(model)  # stream counts are static: no forward needed
     err = eval_error(model, deployed, make_input(name, 3))
     assert err <= TOL64, f"{name}: relative error {err:.2e}"
@@ -224,7 +203,7 @@ def test_deploy_exact_before_any_forward(name):
 def test_deploy_exact_after_forwards_with_other_batch_sizes(name):
     torch.manual_seed(3)
     model = build(name, "dbb", "ns")
-    randomise_bn(model, 3)
+    randomize_bn(model, 3)
     model.train()
     with torch.no_grad():
         for batch in (2, 5, 7):  # the official code would remember the last stream count
@@ -237,7 +216,7 @@ def test_deploy_exact_after_forwards_with_other_batch_sizes(name):
 def test_deploy_leaves_model_intact_and_is_repeatable():
     torch.manual_seed(4)
     model = build("resnet18", "nsnet", "ns")
-    randomise_bn(model, 4)
+    randomize_bn(model, 4)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     first, second = neusub.deploy(model), neusub.deploy(model)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -251,7 +230,7 @@ def test_deploy_leaves_model_intact_and_is_repeatable():
 def test_bf16(name):
     torch.manual_seed(5)
     model = build(name, "dbb", "ns-stoch", torch.float32)
-    randomise_bn(model, 5)
+    randomize_bn(model, 5)
     train_steps(model, name, torch.float32, steps=1)
     model = model.to(torch.bfloat16)
     deployed = neusub.deploy(model)
@@ -264,7 +243,7 @@ def test_bf16(name):
 def test_channels_last(name):
     torch.manual_seed(6)
     model = build(name, "nsnet", "ns", torch.float32)
-    randomise_bn(model, 6)
+    randomize_bn(model, 6)
     model = model.to(memory_format=torch.channels_last)
     train_steps(model, name, torch.float32, steps=1)
     deployed = neusub.deploy(model).to(memory_format=torch.channels_last)

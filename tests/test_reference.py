@@ -142,16 +142,6 @@ class FixedMixing:
         return self.queue.pop(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation (and, on a busy
-    machine, spin-waiting that made this file 10× slower). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def fixed_mixing(monkeypatch) -> FixedMixing:
     fake = FixedMixing()

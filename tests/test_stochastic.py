@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,14 +14,6 @@ from neusub import RepConv2d, RepLinear
 from neusub.partition import canonical_partition, draw_mixing, mixing_matrix, random_partition
 
 S, N, B = 2, 3, 4  # repvgg on 4 → 4 channels, stride 1: kxk, 1x1, identity
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_layer(seed: int = 0, **kwargs) -> RepConv2d:

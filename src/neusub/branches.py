@@ -106,7 +106,7 @@ class SequentialBranch(nn.Module):
         bn = self.bn1
         if moments is None:
             return fusion.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        w1 = fusion.grouped_to_dense(self.conv1, self.groups)[:, :, 0, 0]  # (M, C_in)
+        w1 = fusion.grouped_to_dense(self.conv1, self.groups).flatten(1)  # (M, C_in), a view
         mean = w1 @ moments.mean
         var = ((w1 @ moments.cov) * w1).sum(1)
         update_running_stats(bn, mean, var, moments.count)

@@ -292,7 +292,7 @@ class RepLinear(_RepLayer):
         s, batch_shape = bundle.shape[0], bundle.shape[1:-1]
 
         def linear(flat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-            return F.linear(flat, weight[:, :, 0, 0], bias)
+            return F.linear(flat, weight.flatten(1), bias)
 
         z = self._run_branches(bundle.reshape(-1, bundle.shape[-1]), linear)
         # (S, B, T, N, C): the T tokens of a sample sit on _connect's "groups" axis, so that

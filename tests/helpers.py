@@ -1,0 +1,26 @@
+"""Helpers shared by the test files."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Random affine parameters and running statistics (not the init) in every BatchNorm."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n, dtype = module.num_features, module.running_mean.dtype
+                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+                module.running_mean.copy_((torch.randn(n, generator=gen) * 0.2).to(dtype))
+                module.running_var.copy_((torch.rand(n, generator=gen) * 1.5 + 0.5).to(dtype))
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """Max-norm relative error ``max|actual − expected| / max|expected|``."""
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
