@@ -89,3 +89,12 @@ def test_fashion_mnist_from_debian_gz_layout(tmp_path: Path):
     assert (
         tmp_path / "cache" / "neusub" / "fashion-mnist" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
     ).is_file()
+
+
+def test_amp_and_channels_last_on_cpu(tmp_path: Path):
+    out = tmp_path / "amp"
+    record = train(tmp_path, "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.125",
+                   "--recipe", "dbb", "--batch-size", "128", "--amp", "--channels-last", "--out", str(out),
+                   *SMALL)  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["amp"] is True
+    assert record["equivalence_error"] < 1e-5  # bf16 training, deployed fp32: still the same function

@@ -130,9 +130,13 @@ class _RepLayer(StreamModule):
 
     def _run_branches(self, flat: Tensor, op) -> Tensor:
         """``op(flat, weight, bias)`` with every branch stacked, then the stacked BN."""
-        moments = input_moments(flat) if self.training and self._sequential else None
-        weight, bias = self.stacked_kernel(moments, flat)
         bn = self.bn
+        # Kernels and moments in the parameters' dtype even under autocast (AMP): they are
+        # small, and composing them in bf16 would lose the exactness the fusion relies on.
+        with torch.autocast(flat.device.type, enabled=False):
+            sequential = self.training and self._sequential
+            moments = input_moments(flat.to(bn.running_mean.dtype)) if sequential else None
+            weight, bias = self.stacked_kernel(moments, bn.running_mean)
         rate = bn.momentum if bn.momentum is not None else 1.0 / (float(bn.num_batches_tracked) + 1.0)
         if bn.training and bn.track_running_stats and rate < 1.0:
             # A training-mode BN removes any per-channel constant (its gradient is exactly zero),
