@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import check_equivalence, deploy
-from .checkpoint import FORMAT, atomic_save, safe_load
+from .checkpoint import FORMAT, atomic_save, atomic_save_json, atomic_write, safe_load
 from .config import TrainConfig, build_config, config_dict, read_config_file
 from .data import DataInfo, load_dataset
 from .errors import CLIError
@@ -61,12 +61,6 @@ def cmd_train(
     if env.world > 1:
         torch.distributed.destroy_process_group()
     return record if env.main else {}
-
-
-def atomic_save_json(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------- loading runs
@@ -169,9 +163,7 @@ def cmd_export(path: str, fmt: str, out: str | None) -> dict:
         atomic_save({"arch": cfg.model, "state_dict": tv.state_dict()}, target)
     else:
         scripted = torch.jit.trace(plain, example)
-        tmp = target.with_suffix(".tmp")
-        scripted.save(str(tmp))
-        tmp.replace(target)
+        atomic_write(target, lambda handle: torch.jit.save(scripted, handle))
     return {"out": str(target), "format": fmt}
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, TensorDataset
 
+from .checkpoint import atomic_write
 from .errors import CLIError
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "fashion-mnist", "digits", "features")
@@ -84,11 +85,8 @@ def _fashion_root(path: str | None) -> Path:
         plain, packed = source / name, source / f"{name}.gz"
         if not plain.is_file() and not packed.is_file():
             raise _missing("fashion-mnist", str(source), f" (missing {name}[.gz])")
-        raw.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        with gzip.open(packed) if packed.is_file() else open(plain, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
+        with gzip.open(packed) if packed.is_file() else open(plain, "rb") as src:
+            atomic_write(target, lambda dst, src=src: shutil.copyfileobj(src, dst))
     return cache
 
 
