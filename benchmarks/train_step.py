@@ -54,6 +54,7 @@ class Config:
     recipe: str
     connectivity: str
     stochastic: float = 0.0
+    recompute: bool = False  # neusub.set_recompute: the memory-for-time option
     batch: int = 32
     baseline: str | None = None  # config whose time / RSS the ratios are taken over
     steps: int = 3  # default timed steps (after warm-up)
@@ -67,12 +68,16 @@ CONFIGS: dict[str, Config] = {
         Config("r18_plain", "resnet18", "plain", "block", steps=6),
         Config("r18_nsnet_ns", "resnet18", "nsnet", "ns", 1.0, baseline="r18_plain", steps=3,
                target_time=20.0, target_rss_gb=3.8),
+        Config("r18_nsnet_ns_recompute", "resnet18", "nsnet", "ns", 1.0, recompute=True,
+               baseline="r18_plain", steps=3, target_time=20.0, target_rss_gb=3.8),
         Config("r18_conv2_ns", "resnet18", "conv2", "ns", baseline="r18_plain", steps=3, target_time=4.1),
         Config("r18_conv3_ns", "resnet18", "conv3", "ns", baseline="r18_plain", steps=3, target_time=9.4),
         Config("r18_dbb_block", "resnet18", "dbb", "block", baseline="r18_plain", steps=3, target_time=3.0),
         Config("r50_plain", "resnet50", "plain", "block", batch=16, steps=5),
         Config("r50_nsnet_ns", "resnet50", "nsnet", "ns", 1.0, batch=16, baseline="r50_plain", steps=3,
                target_time=14.0, target_rss_gb=5.0),
+        Config("r50_nsnet_ns_recompute", "resnet50", "nsnet", "ns", 1.0, recompute=True, batch=16,
+               baseline="r50_plain", steps=3, target_time=14.0, target_rss_gb=5.0),
     ]
 }  # fmt: skip
 INFERENCE_TARGET, INFERENCE_TOL = 1.00, 0.03
@@ -100,7 +105,7 @@ def _build(cfg: Config):
 
     return neusub.create_model(
         cfg.model, recipe=cfg.recipe, connectivity=cfg.connectivity, stochastic=cfg.stochastic,
-        num_classes=NUM_CLASSES, stem="cifar",
+        num_classes=NUM_CLASSES, stem="cifar", recompute=cfg.recompute,
     )  # fmt: skip
 
 
@@ -393,7 +398,8 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             "model": cfg.model,
             "recipe": cfg.recipe,
             "connectivity": cfg.connectivity
-            + (f" (stochastic={cfg.stochastic:g})" if cfg.stochastic else ""),
+            + (f" (stochastic={cfg.stochastic:g})" if cfg.stochastic else "")
+            + (", recompute" if cfg.recompute else ""),
             "batch": cfg.batch,
             "steps": r["steps"],
             "median_s": _base_value(r, "median_s"),
@@ -462,7 +468,9 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         )
     if inference is not None:
         med = inference["median_s"]
-        ok = abs(inference["ratio"] - INFERENCE_TARGET) <= INFERENCE_TOL
+        # The plain backbone a deployed network is compared with is torchvision's with its BN
+        # folded into the convs (same layers and parameters); stock torchvision also runs 20 BNs.
+        ok = abs(inference["ratio_vs_bn_folded"] - INFERENCE_TARGET) <= INFERENCE_TOL
         out += [
             "",
             f"Deployed inference (eval, no grad, batch 32, {inference['iters']} alternating iterations, "
@@ -482,13 +490,13 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
                 ratio, target = "—", "—"
             elif key == "torchvision":
                 ratio = f"{inference['ratio']:.3f}; {inference['paired_ratio_median']:.3f}"
-                target = f"{INFERENCE_TARGET:.2f} ± {INFERENCE_TOL:.2f} {_verdict(ok)}"
+                target = "— (also runs its BNs)"
             else:
                 ratio = (
                     f"{inference['ratio_vs_bn_folded']:.3f}; "
                     f"{inference['paired_ratio_vs_bn_folded_median']:.3f}"
                 )
-                target = "(reference)"
+                target = f"{INFERENCE_TARGET:.2f} ± {INFERENCE_TOL:.2f} {_verdict(ok)}"
             out.append(
                 f"| {label} | {med[key] * 1e3:.1f} | {inference['conv_layers'][key]} "
                 f"| {inference['params'][key]:,} | {ratio} | {target} |"

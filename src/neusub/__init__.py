@@ -2,7 +2,7 @@
 
 from . import export
 from .deploy import check_equivalence, deploy
-from .layers import CONNECTIVITIES, RepConv2d, RepLinear
+from .layers import CONNECTIVITIES, RepConv2d, RepLinear, set_recompute
 from .models import create_model, list_models
 from .recipes import Recipe, list_recipes
 from .streams import (
@@ -54,5 +54,6 @@ __all__ = [
     "export",
     "list_activations",
     "list_recipes",
+    "set_recompute",
     "__version__",
 ]

@@ -19,6 +19,7 @@ from . import fusion
 from .branches import SequentialBranch, input_moments, make_branch
 from .partition import draw_mixing, partition_sum
 from .recipes import Geometry, Recipe, as_recipe, build_branches
+from .recompute import recomputed_batch_norm
 from .streams import MAX_NAIVE_STREAMS, StreamModule, check_probability, check_streams
 
 CONNECTIVITIES = ("block", "ns", "naive")
@@ -43,6 +44,7 @@ class _RepLayer(StreamModule):
         stochastic: float,
         neural_drop: float,
         generator: torch.Generator | None,
+        recompute: bool,
         bn: type[nn.Module],
     ) -> None:
         if connectivity not in CONNECTIVITIES:
@@ -55,6 +57,7 @@ class _RepLayer(StreamModule):
         self.stochastic = check_probability(stochastic, "stochastic")
         self.neural_drop = check_probability(neural_drop, "neural_drop")
         self.generator = generator
+        self.recompute = recompute
         self.branches = nn.ModuleDict({spec.name: make_branch(spec, geom) for spec in specs})
         self._num_branches = len(specs)  # kept after reparameterize() drops the branches
         # One BN for all branches; channels ordered (groups, branch, C_out // groups) so a
@@ -137,6 +140,8 @@ class _RepLayer(StreamModule):
             sequential = self.training and self._sequential
             moments = input_moments(flat.to(bn.running_mean.dtype)) if sequential else None
             weight, bias = self.stacked_kernel(moments, bn.running_mean)
+        if self.recompute and bn.training and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            return recomputed_batch_norm(lambda x, w: op(x, w, None), flat, weight, bias, bn)
         rate = bn.momentum if bn.momentum is not None else 1.0 / (float(bn.num_batches_tracked) + 1.0)
         if bn.training and bn.track_running_stats and rate < 1.0:
             # A training-mode BN removes any per-channel constant (its gradient is exactly zero),
@@ -172,7 +177,9 @@ class _RepLayer(StreamModule):
             f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel}, stride={g.stride}, "
             f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, recipe={self.recipe.name!r}, "
             f"connectivity={self.connectivity!r}, stochastic={self.stochastic}, "
-            f"neural_drop={self.neural_drop}, " + super().extra_repr()
+            f"neural_drop={self.neural_drop}, "
+            + ("recompute=True, " if self.recompute else "")
+            + super().extra_repr()
         )
 
 
@@ -186,6 +193,8 @@ class RepConv2d(_RepLayer):
     ``padding=None`` is "same"-style ``dilation * (k - 1) // 2``. ``stochastic=p``
     re-draws the partition of the ``N·S`` pairs with probability p per training
     forward; ``neural_drop=p`` drops pairs per sample. Both are no-ops in eval.
+    ``recompute=True`` runs the stacked conv again in backward instead of keeping its
+    ``N·S``-stream output (less memory, one more conv; see :mod:`neusub.recompute`).
     """
 
     def __init__(
@@ -203,6 +212,7 @@ class RepConv2d(_RepLayer):
         stochastic: float = 0.0,
         neural_drop: float = 0.0,
         generator: torch.Generator | None = None,
+        recompute: bool = False,
     ):
         super().__init__()
         kernel, dil = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
@@ -212,8 +222,9 @@ class RepConv2d(_RepLayer):
             same if padding is None else _pair(padding, "padding"), dil, groups,
         )  # fmt: skip
         self._build(
-            geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, nn.BatchNorm2d
-        )
+            geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, recompute,
+            nn.BatchNorm2d,
+        )  # fmt: skip
 
     def is_bundle(self, x: Tensor) -> bool:
         """Whether ``x`` is a stream bundle ``(S, B, C, H, W)`` rather than a plain tensor."""
@@ -275,12 +286,14 @@ class RepLinear(_RepLayer):
         stochastic: float = 0.0,
         neural_drop: float = 0.0,
         generator: torch.Generator | None = None,
+        recompute: bool = False,
     ):
         super().__init__()
         geom = Geometry(in_features, out_features, (1, 1))
         self._build(
-            geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, nn.BatchNorm1d
-        )
+            geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, recompute,
+            nn.BatchNorm1d,
+        )  # fmt: skip
 
     def is_bundle(self, x: Tensor) -> bool:
         """Whether ``x`` is a stream bundle ``(S, B, [T,] D)`` rather than a plain tensor."""
@@ -313,3 +326,11 @@ class RepLinear(_RepLayer):
             linear.weight.copy_(kernel[:, :, 0, 0])
             linear.bias.copy_(bias)
         return linear
+
+
+def set_recompute(model: nn.Module, enabled: bool = True) -> int:
+    """Turn backward recomputation of every re-parameterized layer on or off; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, _RepLayer)]
+    for layer in layers:
+        layer.recompute = enabled
+    return len(layers)

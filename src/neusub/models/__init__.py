@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..layers import set_recompute
 from .factory import LayerFactory
 from .mlp_adapter import build_mlp_adapter
 from .mobilenet import build_mobilenet_v1
@@ -50,15 +51,19 @@ def create_model(
     act: str = "relu",
     drop_path_rate: float = 0.0,
     width_mult: float = 1.0,
+    recompute: bool = False,
     **kwargs,
 ) -> nn.Module:
-    """Build model ``name`` with every re-parameterizable layer of ``recipe`` × ``connectivity``."""
+    """Build model ``name`` with every re-parameterizable layer of ``recipe`` × ``connectivity``.
+
+    ``recompute=True`` trades one more conv per layer in backward for memory (see
+    :func:`neusub.layers.set_recompute`)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
     builder, default_recipe = _MODELS[name]
     factory = LayerFactory(recipe or default_recipe, connectivity, stochastic, neural_drop, act)
     try:
-        return builder(
+        model = builder(
             factory, num_classes=num_classes, stem=stem, drop_path_rate=drop_path_rate,
             width_mult=width_mult, **kwargs,
         )  # fmt: skip
@@ -66,6 +71,8 @@ def create_model(
         if "unexpected keyword" not in str(err):
             raise
         raise ValueError(f"model {name!r}: {err}") from None
+    set_recompute(model, recompute)
+    return model
 
 
 __all__ = ["LayerFactory", "create_model", "list_models", "register"]
