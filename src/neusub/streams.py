@@ -8,6 +8,8 @@ plain deployed form returned by ``fuse()`` (timm's fuse protocol), used by
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -133,26 +135,36 @@ class GuidedActivation(StreamModule):
 
     Exact for every ``act(z) = z · g(z)``: relu, leaky_relu, silu, gelu, hardswish.
     Input: a bundle ``(S, B, ...)``; with ``in_streams == 1`` any tensor.
+    ``guided=False`` is the paper's ablation: every stream activated on its own,
+    ``act(x_s)``. The deployed ``act(Σ_s x_s)`` then differs from the training network.
     """
 
-    def __init__(self, act: str = "relu", in_streams: int = 1, negative_slope: float = 0.01):
+    def __init__(self, act: str = "relu", in_streams: int = 1, negative_slope: float = 0.01,
+                 guided: bool = True):  # fmt: skip
         super().__init__()
         if act not in _GATES:
             raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_GATES)}")
-        self.act, self.negative_slope = act, negative_slope
+        self.act, self.negative_slope, self.guided = act, negative_slope, guided
         self.in_streams = check_streams(in_streams)
 
     def forward_streams(self, x: Tensor) -> Tensor:
-        if self.in_streams == 1:  # nothing to guide: the plain activation
+        if self.in_streams == 1 or not self.guided:  # nothing to guide: the plain activation
             return _PLAIN_FNS[self.act](x, self.negative_slope)
         x = self._bundle(x)
         return _GATES[self.act](x, x.sum(0), self.negative_slope)
 
     def fuse(self) -> nn.Module:
+        if not self.guided and self.in_streams > 1:
+            warnings.warn(
+                f"GuidedActivation(guided=False) over {self.in_streams} streams deploys to act(Σ x_s), "
+                "which differs from the training network's per-stream act(x_s); use guided=True for "
+                "an exact deploy",
+                stacklevel=2,
+            )
         return _PLAIN_ACTS[self.act](self.negative_slope)
 
     def extra_repr(self) -> str:
-        return f"{self.act!r}, " + super().extra_repr()
+        return f"{self.act!r}, " + ("guided=False, " if not self.guided else "") + super().extra_repr()
 
 
 class GuidedMaxPool2d(StreamModule):

@@ -1,4 +1,4 @@
-"""Command-line interface: ``neusub demo | train | eval | deploy | export``.
+"""Command-line interface: ``neusub demo | train | eval | deploy | export | analyze | experiment``.
 
 User errors print one line ``neusub: error: ...`` naming the problem and the fix,
 and exit with code 2.
@@ -15,17 +15,27 @@ from .config import FIELDS, PRESETS
 from .data import DATASETS
 from .errors import CLIError
 
-_TRAIN_FLAGS: list[tuple[str, type, str]] = [
+
+def on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text.lower() in ("on", "true", "1")
+
+
+_TRAIN_FLAGS: list[tuple[str, object, str]] = [
     ("model", str, "model name (neusub.list_models())"),
     ("recipe", str, "recipe name (neusub.list_recipes()); default: the model's"),
     ("connectivity", str, "block | ns | naive"),
     ("stochastic", float, "probability of re-drawing the NS partition per step"),
     ("neural-drop", float, "probability of dropping a (stream, branch) pair"),
     ("act", str, "activation (guided under ns)"),
+    ("guided", "on_off", "guided activation: on | off (off: the paper's ablation, deploy not exact)"),
     ("width-mult", float, "channel width multiplier"),
     ("stem", str, "cifar | imagenet"),
     ("dataset", str, "one of " + ", ".join(DATASETS)),
     ("data", str, "dataset path"),
+    ("train-samples", int, "train on a fixed subset of this many samples (0: all)"),
+    ("val-samples", int, "validate on a fixed subset of this many samples (0: all)"),
     ("epochs", int, "training epochs"),
     ("batch-size", int, "batch size per process"),
     ("lr", float, "peak learning rate"),
@@ -57,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="JSON or TOML file of settings; flags override it")
     train.add_argument("--preset", help="the paper's Appendix B hyper-parameters: " + ", ".join(PRESETS))
     for flag, kind, text in _TRAIN_FLAGS:
-        train.add_argument(f"--{flag}", type=kind, default=None, help=text)
+        train.add_argument(f"--{flag}", type=on_off if kind == "on_off" else kind, default=None, help=text)
     switches = [
         ("resume", "continue the run in --out"), ("download", "download CIFAR"), ("amp", "mixed precision"),
         ("channels-last", "channels_last memory format"), ("compile", "torch.compile the model"),
@@ -81,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint")
     exp.add_argument("--format", required=True, help="onnx | torchvision | torchscript")
     exp.add_argument("--out")
+
+    ana = sub.add_parser("analyze", help="similarity, kernels, block drop or topology of runs (PNG + JSON)")
+    ana.add_argument("runs", nargs="+", metavar="RUN_OR_CKPT", help="run folders or checkpoints (compared)")
+    ana.add_argument("--what", required=True, help="similarity | kernels | block-drop | topology")
+    ana.add_argument("--out", help="output folder (default: <first run>/analysis)")
+    ana.add_argument("--samples", type=int, default=2000, help="validation samples used (default 2000)")
+
+    grid = sub.add_parser("experiment", help="run a grid of trainings from a TOML file; tables + CSV")
+    grid.add_argument("grid", metavar="GRID.toml")
+    grid.add_argument("--out", required=True, help="experiment folder (re-run to resume)")
+    grid.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; default 1)")
     return parser
 
 
@@ -96,6 +117,14 @@ def _run(args: argparse.Namespace) -> dict:
         return commands.cmd_eval(args.checkpoint, args.dataset, args.data)
     if args.command == "deploy":
         return commands.cmd_deploy(args.checkpoint, args.out)
+    if args.command == "analyze":
+        from .analyze import cmd_analyze
+
+        return cmd_analyze(args.runs, args.what, args.out, args.samples)
+    if args.command == "experiment":
+        from .experiment import cmd_experiment
+
+        return cmd_experiment(args.grid, args.out, args.jobs)
     return commands.cmd_export(args.checkpoint, args.format, args.out)
 
 

@@ -44,11 +44,14 @@ class TrainConfig:
     stochastic: float = 0.0
     neural_drop: float = 0.0
     act: str = "relu"
+    guided: bool = True
     width_mult: float = 1.0
     stem: str = "cifar"
     preset: str = "cifar100"
     dataset: str = "cifar100"
     data: str | None = None
+    train_samples: int = 0  # 0: all; else a fixed subset (the same for every seed)
+    val_samples: int = 0
     download: bool = False
     epochs: int = 100
     batch_size: int = 128
@@ -91,12 +94,25 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise CLIError(f"--{name.replace('_', '-')}={value} is out of range; use a value in [0, 1]")
-        if self.workers < 0:
-            raise CLIError(f"--workers={self.workers} is out of range; use 0 or more")
+        for name in ("workers", "train_samples", "val_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                value = getattr(self, name)
+                raise CLIError(f"--{name.replace('_', '-')}={value} is out of range; use an integer >= 0")
         return self
 
 
 FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def load_toml(file: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise CLIError(f"{file} is not valid TOML ({err})") from None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -105,15 +121,11 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise CLIError(f"config file {path} does not exist")
     try:
         if file.suffix == ".toml":
-            import tomllib
-
-            values = tomllib.loads(file.read_text())
+            values = load_toml(file)
         else:
             values = json.loads(file.read_text())
     except Exception as err:
-        raise CLIError(
-            f"config file {path} cannot be parsed ({err}); use JSON or TOML (Python >= 3.11)"
-        ) from None
+        raise CLIError(f"config file {path} cannot be parsed ({err}); use JSON or TOML") from None
     unknown = sorted(set(values) - FIELDS)
     if unknown:
         raise CLIError(f"config file {path}: unknown keys {unknown}; valid keys: {', '.join(sorted(FIELDS))}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import Dataset, DistributedSampler, Subset, TensorDataset
 
 from .checkpoint import atomic_write
 from .errors import CLIError
@@ -176,6 +176,17 @@ def load_dataset(
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise _missing(dataset, str(path), f" ({err})") from None
     return train_set, val_set, info
+
+
+def take_subset(dataset: Dataset, samples: int) -> Dataset:
+    """A fixed random subset of ``samples`` items (0 or more than there are: all of them).
+
+    The subset depends only on the dataset's length, not on the run's seed, so runs with
+    different seeds are compared on the same data."""
+    if samples <= 0 or samples >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    return Subset(dataset, sorted(order[:samples].tolist()))
 
 
 class SeededBatches(Dataset):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from .. import create_model, deploy
 from .checkpoint import FORMAT, atomic_save, rng_state, safe_load, set_rng_state
 from .config import TrainConfig, config_dict
-from .data import DataInfo, SeededBatches, load_dataset
+from .data import DataInfo, SeededBatches, load_dataset, take_subset
 from .errors import CLIError
 
 MODEL_FIELDS = ("model", "recipe", "connectivity", "act", "width_mult", "stem", "dataset")
@@ -62,7 +62,7 @@ def setup_distributed() -> Dist:
 def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
     kwargs = dict(
         recipe=cfg.recipe, connectivity=cfg.connectivity, stochastic=cfg.stochastic,
-        neural_drop=cfg.neural_drop, num_classes=info.num_classes, act=cfg.act,
+        neural_drop=cfg.neural_drop, num_classes=info.num_classes, act=cfg.act, guided=cfg.guided,
         drop_path_rate=cfg.drop_path, width_mult=cfg.width_mult, stem=cfg.stem,
     )  # fmt: skip
     if info.kind == "features":
@@ -102,6 +102,8 @@ class Trainer:
         self.train_set, self.val_set, self.info = load_dataset(
             cfg.dataset, cfg.data, preset, cfg.download, cfg.seed
         )
+        self.train_set = take_subset(self.train_set, cfg.train_samples)
+        self.val_set = take_subset(self.val_set, cfg.val_samples)
         self.batches = SeededBatches(self.train_set, cfg.batch_size, cfg.seed, self.env.rank, self.env.world)
         self.steps_per_epoch = self.batches.set_epoch(0)
         if self.steps_per_epoch == 0:

@@ -52,16 +52,18 @@ def create_model(
     drop_path_rate: float = 0.0,
     width_mult: float = 1.0,
     recompute: bool = False,
+    guided: bool = True,
     **kwargs,
 ) -> nn.Module:
     """Build model ``name`` with every re-parameterizable layer of ``recipe`` × ``connectivity``.
 
     ``recompute=True`` trades one more conv per layer in backward for memory (see
-    :func:`neusub.layers.set_recompute`)."""
+    :func:`neusub.layers.set_recompute`). ``guided=False`` activates every stream on its
+    own (the paper's ablation; the deployed network is then *not* equivalent)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
     builder, default_recipe = _MODELS[name]
-    factory = LayerFactory(recipe or default_recipe, connectivity, stochastic, neural_drop, act)
+    factory = LayerFactory(recipe or default_recipe, connectivity, stochastic, neural_drop, act, guided)
     try:
         model = builder(
             factory, num_classes=num_classes, stem=stem, drop_path_rate=drop_path_rate,

@@ -33,6 +33,7 @@ class LayerFactory:
     stochastic: float = 0.0
     neural_drop: float = 0.0
     act: str = "relu"
+    guided: bool = True  # False: the paper's ablation, activations per stream (not exact)
 
     def __post_init__(self) -> None:
         as_recipe(self.recipe)
@@ -73,7 +74,7 @@ class LayerFactory:
         )  # fmt: skip
 
     def activation(self, streams: int) -> GuidedActivation:
-        return GuidedActivation(self.act, in_streams=streams)
+        return GuidedActivation(self.act, in_streams=streams, guided=self.guided)
 
     def max_pool(self, kernel: int, stride: int, padding: int, streams: int) -> GuidedMaxPool2d:
         return GuidedMaxPool2d(kernel, stride, padding, in_streams=streams)

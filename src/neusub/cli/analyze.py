@@ -1,0 +1,192 @@
+"""``neusub analyze RUN [RUN ...] --what similarity|kernels|block-drop|topology``.
+
+Each analysis of :mod:`neusub.analysis` on one or more runs (run folders or
+checkpoints), written as ``<what>.json`` and ``<what>.png`` into ``--out``
+(default: ``<first run>/analysis``). Several runs are drawn in one figure, labelled
+by recipe and connectivity, so NS and block runs can be compared side by side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import analysis, deploy
+from .checkpoint import atomic_save_json
+from .commands import load_run_model
+from .config import TrainConfig, config_dict
+from .data import load_dataset, take_subset
+from .errors import CLIError
+from .train import build_model
+
+ANALYSES = ("similarity", "kernels", "block-drop", "topology")
+
+
+def run_label(cfg: TrainConfig) -> str:
+    """``dbb ns+stoch`` / ``nsnet block`` / ``nsnet ns unguided``: how a run is named in plots and tables."""
+    label = f"{cfg.recipe or 'default'} {cfg.connectivity}"
+    if cfg.connectivity != "block" and cfg.stochastic > 0:
+        label += "+stoch" if cfg.stochastic == 1 else f"+stoch{cfg.stochastic:g}"
+    if not cfg.guided:
+        label += " unguided"
+    return label
+
+
+def _val_batches(
+    cfg: TrainConfig, samples: int, batch_size: int = 256
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    _, val_set, _ = load_dataset(cfg.dataset, cfg.data, config_dict(cfg), False, cfg.seed)
+    val_set = take_subset(val_set, samples)
+    return list(torch.utils.data.DataLoader(val_set, batch_size=batch_size))
+
+
+def _analyze_one(path: str, what: str, samples: int) -> tuple[str, dict]:
+    model, cfg, info, deployed = load_run_model(path)
+    if deployed and what != "block-drop":
+        raise CLIError(f"--what {what} needs the training checkpoint (a run folder or last.pt), not {path}")
+    try:
+        if what == "similarity":
+            x = _val_batches(cfg, min(samples, 256))[0][0]
+            result: dict = {"layers": analysis.branch_similarity(model, x)}
+        elif what == "kernels":
+            result = {"stages": analysis.kernel_magnitudes(model)}
+        elif what == "block-drop":
+            plain = model if deployed else deploy(model)
+            result = analysis.block_drop(plain, _val_batches(cfg, samples))
+        else:
+            ns_model = build_model(TrainConfig(**{**config_dict(cfg), "connectivity": "ns"}), info)
+            result = analysis.topology(ns_model)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    return run_label(cfg), {"run": str(path), "config": config_dict(cfg), **result}
+
+
+def cmd_analyze(paths: list[str], what: str, out: str | None, samples: int = 2000) -> dict:
+    if what not in ANALYSES:
+        raise CLIError(f"unknown analysis {what!r}; choose one of {', '.join(ANALYSES)}")
+    if samples < 1:
+        raise CLIError(f"--samples={samples} is out of range; use an integer >= 1")
+    runs: dict[str, dict] = {}
+    for path in paths:
+        label, result = _analyze_one(path, what, samples)
+        while label in runs:  # two runs of one setting (seeds): keep both
+            label += "'"
+        runs[label] = result
+    first = Path(paths[0])
+    out_dir = Path(out) if out else (first if first.is_dir() else first.parent) / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = what.replace("-", "_")
+    atomic_save_json(runs, out_dir / f"{stem}.json")
+    figure = PLOTS[what](runs)
+    figure.savefig(out_dir / f"{stem}.png", dpi=110)
+    _pyplot().close(figure)
+    return {"json": str(out_dir / f"{stem}.json"), "png": str(out_dir / f"{stem}.png"), "runs": list(runs)}
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_similarity(runs: dict[str, dict]):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for label, run in runs.items():
+        layers = run["layers"]
+        depth = range(1, len(layers) + 1)
+        axes[0].plot(depth, [r["branch"] for r in layers], marker="o", ms=3, label=label)
+        streams = [(i, r["stream"]) for i, r in zip(depth, layers) if r["stream"] is not None]
+        if streams:
+            axes[1].plot(*zip(*streams), marker="o", ms=3, label=label)
+    axes[0].set_title("between branches (same input stream)")
+    axes[1].set_title("between output streams")
+    for ax in axes:
+        ax.set_xlabel("re-parameterized layer (depth)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean cosine similarity")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_kernels(runs: dict[str, dict]):
+    plt = _pyplot()
+    stages = sorted({s for run in runs.values() for s in run["stages"]})
+    fig, axes = plt.subplots(
+        len(runs), len(stages), figsize=(2.2 * len(stages), 2.3 * len(runs)), squeeze=False
+    )
+    for row, (label, run) in enumerate(runs.items()):
+        for col, stage in enumerate(stages):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if stage in run["stages"]:
+                image = ax.imshow(run["stages"][stage]["fused"], cmap="viridis")
+                fig.colorbar(image, ax=ax, fraction=0.046)
+            if row == 0:
+                ax.set_title(stage, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle("deployed k×k kernels: mean |w| per position (each layer normalised to sum 1)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_block_drop(runs: dict[str, dict]):
+    plt = _pyplot()
+    blocks = [b["block"] for b in next(iter(runs.values()))["blocks"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(blocks)), 3.6))
+    width = 0.8 / len(runs)
+    for i, (label, run) in enumerate(runs.items()):
+        drops = {b["block"]: 100 * b["drop"] for b in run["blocks"]}
+        xs = [j + i * width for j in range(len(blocks))]
+        ax.bar(
+            xs,
+            [drops.get(b, float("nan")) for b in blocks],
+            width,
+            label=f"{label} ({100 * run['baseline']:.2f}%)",
+        )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(blocks))], blocks, rotation=30, fontsize=8)
+    ax.set_ylabel("accuracy drop (points)")
+    ax.set_title("test accuracy lost when one residual block is removed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_topology(runs: dict[str, dict]):
+    plt = _pyplot()
+    label, run = next(iter(runs.items()))
+    rows = [r for r in run["layers"] if r["branches"] > 1]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    depth = range(1, len(rows) + 1)
+    for connectivity in ("naive", "ns", "block"):
+        ax.plot(depth, [r[connectivity]["pairs"] for r in rows], marker="o", ms=3, label=connectivity)
+    ax.set_yscale("log")
+    ax.set_xlabel("re-parameterized layer (depth)")
+    ax.set_ylabel("(stream, branch) pairs computed")
+    totals = run["totals"]
+    ax.set_title(
+        f"{label}: paths block {totals['paths']['block']}, branch-level 10^{totals['log10_paths']['ns']:.1f}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+PLOTS = {
+    "similarity": _plot_similarity,
+    "kernels": _plot_kernels,
+    "block-drop": _plot_block_drop,
+    "topology": _plot_topology,
+}
