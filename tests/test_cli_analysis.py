@@ -1,0 +1,128 @@
+"""``neusub experiment`` and ``neusub analyze`` end to end on digits with tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from neusub.cli import main
+
+GRID = """
+[base]
+model = "resnet18"
+width_mult = 0.0625
+stem = "cifar"
+dataset = "digits"
+train_samples = 256
+epochs = 1
+batch_size = 64
+opt = "adamw"
+lr = 3e-3
+warmup_epochs = 0
+
+[[grid]]
+recipe = ["plain", "repvgg"]
+setting = [{ connectivity = "block" }, { connectivity = "ns", stochastic = 1.0 }]
+seed = [0, 1]
+
+[[grid]]
+recipe = ["repvgg"]
+setting = [{ connectivity = "ns", stochastic = 1.0, guided = false }]
+seed = [0]
+
+[[exclude]]
+recipe = "plain"
+connectivity = "ns"
+"""
+
+
+def run_cli(*args: str) -> dict:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(list(args))
+    assert code == 0
+    text = buffer.getvalue()
+    return json.loads(text[text.index("{") :])
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("experiment")
+    (root / "grid.toml").write_text(GRID)
+    run_cli("experiment", str(root / "grid.toml"), "--out", str(root / "out"))
+    return root
+
+
+def test_experiment_runs_the_grid_and_writes_tables(experiment: Path):
+    out = experiment / "out"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    names = [r["name"] for r in rows]
+    assert len(rows) == 7 and len(set(names)) == 7  # (plain: block only) 2 + repvgg 4 + unguided 1
+    assert not any("recipe=plain_connectivity=ns" in n for n in names)
+    for r in rows:
+        assert 0.0 <= float(r["val_acc_deployed"]) <= 1.0
+        if r["guided"] == "True":  # guided runs deploy exactly: same accuracy as the training structure
+            assert float(r["equivalence_error"]) < 1e-4
+            assert r["val_acc_deployed"] == r["val_acc_training"]
+    unguided = [r for r in rows if r["guided"] == "False"]
+    assert len(unguided) == 1 and float(unguided[0]["equivalence_error"]) > 1e-3
+    tables = (out / "tables.md").read_text()
+    assert "| recipe | block | ns+stoch | ns+stoch unguided |" in tables
+    assert "± " in tables and "(n=1)" in tables  # two seeds: mean ± std; one seed marked
+    assert "minus `block`" in tables
+
+
+def test_experiment_resumes_and_refuses_changed_settings(experiment: Path, capsys):
+    out = experiment / "out"
+    results = sorted((out / "runs").glob("*/result.json"))
+    redo = results[0].parent
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    results[0].unlink()
+    (redo / "deployed.pt").unlink()
+    run_cli("experiment", str(experiment / "grid.toml"), "--out", str(out))
+    for p in results[1:]:  # finished runs are skipped, untouched
+        assert p.stat().st_mtime_ns == stamps[p]
+    redone = json.loads(results[0].read_text())
+    assert redone["resumed"] is True  # from its checkpoint, not from scratch
+
+    changed = experiment / "changed.toml"
+    changed.write_text(GRID.replace("lr = 3e-3", "lr = 1e-3"))
+    assert main(["experiment", str(changed), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings" in err and "'lr'" in err
+
+
+@pytest.mark.parametrize("what", ["similarity", "kernels", "block-drop", "topology"])
+def test_analyze_writes_json_and_png_comparing_runs(experiment: Path, tmp_path: Path, what: str):
+    runs = sorted(p.parent for p in (experiment / "out" / "runs").glob("*repvgg*seed=0/result.json"))
+    result = run_cli("analyze", *map(str, runs), "--what", what, "--out", str(tmp_path), "--samples", "64")
+    data = json.loads(Path(result["json"]).read_text())
+    assert Path(result["png"]).stat().st_size > 1000
+    assert set(data) == {"repvgg block", "repvgg ns+stoch", "repvgg ns+stoch unguided"}
+    run = data["repvgg ns+stoch"]
+    if what == "similarity":
+        assert len(run["layers"]) == 16 and run["layers"][0]["stream"] is not None
+        assert all(r["stream"] is None for r in data["repvgg block"]["layers"])
+    elif what == "kernels":
+        assert set(run["stages"]) == {"layer1", "layer2", "layer3", "layer4"}
+    elif what == "block-drop":
+        assert len(run["blocks"]) == 5 and 0.0 <= run["baseline"] <= 1.0
+    else:
+        assert run["totals"]["paths"]["block"] == 16 * 3 - 3  # identity branch dropped where strided
+
+
+def test_analyze_errors(experiment: Path, capsys):
+    run = next((experiment / "out" / "runs").glob("*repvgg*/"))
+    assert main(["analyze", str(run), "--what", "colour"]) == 2
+    assert "unknown analysis 'colour'" in capsys.readouterr().err
+    assert main(["analyze", str(run / "deployed.pt"), "--what", "similarity"]) == 2
+    assert "needs the training checkpoint" in capsys.readouterr().err
+    plain = next((experiment / "out" / "runs").glob("*plain*/"))
+    assert main(["analyze", str(plain), "--what", "kernels"]) == 2
+    assert "no re-parameterized k×k conv" in capsys.readouterr().err
