@@ -70,7 +70,8 @@ def test_block_drop_matches_removing_the_block_by_hand():
         plain.layer3[1].conv2.weight.zero_()
         plain.layer3[1].conv2.bias.zero_()
     result = analysis.block_drop(plain, batches)
-    assert [r["block"] for r in result["blocks"]] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    names = [r["block"] for r in result["blocks"]]
+    assert names == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
     assert result["baseline"] == analysis.accuracy(plain, batches)
     by_name = {r["block"]: r for r in result["blocks"]}
     assert by_name["layer3.1"]["drop"] == 0.0
@@ -94,6 +95,7 @@ def test_topology_counts():
     totals = result["totals"]
     assert totals["paths"] == {"block": 64, "ns": str(4**16), "naive": str(4**16)}
     assert layers[-1]["naive"]["out_streams"] == 4**16
-    assert totals["pairs_per_forward"]["block"] < totals["pairs_per_forward"]["ns"] < totals["pairs_per_forward"]["naive"]
+    pairs = totals["pairs_per_forward"]
+    assert pairs["block"] < pairs["ns"] < pairs["naive"]
     with pytest.raises(ValueError, match="connectivity='ns'"):
         analysis.topology(tiny_resnet("block"))

@@ -437,3 +437,35 @@ def test_deploy_result_dtype_follows_model():
     layer, x = _trained_layer("dbb")
     assert neusub.deploy(layer).weight.dtype == torch.float32
     assert neusub.deploy(layer.double()).weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("recipe", ["dbb", "repvgg", "acnet+", "mobileone", "nsnet"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_block_groups_equal_one_stacked_conv(recipe, stride):
+    """Block connectivity runs 1×1 branches as 1×1 convs and 1×1→BN→avg as 1×1 + avg-pool;
+    values, gradients and running statistics equal the single stacked k×k conv's."""
+    torch.manual_seed(0)
+    grouped = RepConv2d(4, 4, 3, stride, recipe=recipe, connectivity="block").double()
+    randomize_bn(grouped)
+    stacked = copy.deepcopy(grouped)
+    stacked.block_groups = lambda: None
+    groups = grouped.block_groups()
+    assert groups is not None and (groups["pointwise"] or groups["pool"])
+    if recipe == "dbb":
+        assert groups == {"kxk": [0, 3], "pointwise": [1], "pool": [2]}
+    for _ in range(2):
+        x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = grouped(xa), stacked(xb)
+        (out_a.square().sum() + out_a.sum()).backward()
+        (out_b.square().sum() + out_b.sum()).backward()
+        assert rel_err(out_a, out_b) < 1e-12 and rel_err(xa.grad, xb.grad) < 1e-12
+    scale = max(p.grad.abs().max() for p in stacked.parameters() if p.grad is not None)
+    for (name, pa), (_, pb) in zip(grouped.named_parameters(), stacked.named_parameters()):
+        assert (pa.grad is None) == (pb.grad is None), name
+        if pa.grad is not None:
+            assert (pa.grad - pb.grad).abs().max() < 1e-12 * scale, name
+    for (name, ba), (_, bb) in zip(grouped.named_buffers(), stacked.named_buffers()):
+        assert torch.equal(ba, bb) if name.endswith("num_batches_tracked") else rel_err(ba, bb) < 1e-12, name
+    grouped.eval(), stacked.eval()
+    assert rel_err(grouped(x), stacked(x)) < 1e-12

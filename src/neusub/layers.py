@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fusion
-from .branches import SequentialBranch, input_moments, make_branch
+from .branches import ConvBranch, FixedBranch, SequentialBranch, input_moments, make_branch
 from .partition import draw_mixing, partition_sum
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .recompute import recomputed_batch_norm
@@ -101,10 +101,14 @@ class _RepLayer(StreamModule):
         g, n = self.geom.groups, self.num_branches
         return tensor.reshape(g, n, -1, *tensor.shape[1:]).transpose(0, 1).reshape(n, -1, *tensor.shape[1:])
 
-    def stacked_kernel(self, moments, like: Tensor) -> fusion.Kernel:
-        """All branches as one conv: ``((N·C_out, C_in/g, kh, kw), (N·C_out,))`` in BN order."""
-        kernels, biases = zip(*(b.kernel(moments, like, self.geom.kernel) for b in self.branches.values()))
-        g, n = self.geom.groups, self.num_branches
+    def stacked_kernel(self, moments, like: Tensor, which: list[int] | None = None,
+                       size: tuple[int, int] | None = None) -> fusion.Kernel:  # fmt: skip
+        """Branches (all, or those at ``which``) as one conv in BN order:
+        ``((n·C_out, C_in/g, kh, kw), (n·C_out,))``; ``size`` defaults to the layer's kernel."""
+        branches = list(self.branches.values())
+        chosen = [branches[j] for j in which] if which is not None else branches
+        kernels, biases = zip(*(b.kernel(moments, like, size or self.geom.kernel) for b in chosen))
+        g, n = self.geom.groups, len(chosen)
 
         def to_bn_order(t: Tensor) -> Tensor:
             return t.reshape(n, g, -1, *t.shape[2:]).transpose(0, 1).reshape(-1, *t.shape[2:])
@@ -230,6 +234,77 @@ class RepConv2d(_RepLayer):
         """Whether ``x`` is a stream bundle ``(S, B, C, H, W)`` rather than a plain tensor."""
         return x.dim() == 5
 
+    def block_groups(self) -> dict[str, list[int]] | None:
+        """Block connectivity runs branches by their own cost: ``{"kxk": [...], "pointwise": [...],
+        "pool": [...]}`` (branch indices; 1×1 convs and identity as a 1×1 conv, 1×1 → BN → avg as
+        a 1×1 conv then avg-pool), or ``None`` where everything goes in one stacked k×k conv."""
+        g = self.geom
+        if (
+            self.connectivity != "block" or g.groups != 1 or g.kernel == (1, 1) or self.recompute
+            or g.padding != g.same_padding or type(self.bn) is not nn.BatchNorm2d
+        ):  # fmt: skip
+            return None
+        groups: dict[str, list[int]] = {"kxk": [], "pointwise": [], "pool": []}
+        for j, branch in enumerate(self.branches.values()):
+            if isinstance(branch, FixedBranch) and branch.kind == "identity":
+                groups["pointwise"].append(j)
+            elif isinstance(branch, ConvBranch) and branch.weight.shape[2:] == (1, 1):
+                groups["pointwise"].append(j)
+            elif isinstance(branch, SequentialBranch) and branch.to_avg and g.dilation == (1, 1):
+                groups["pool"].append(j)
+            else:
+                groups["kxk"].append(j)
+        return groups if groups["pointwise"] or groups["pool"] else None
+
+    def _batch_norm_branches(self, y: Tensor, which: list[int], bias: Tensor, rate: float | None) -> Tensor:
+        """The stacked BN on the channels of branches ``which`` (groups=1: branch j owns
+        channels ``j·C … (j+1)·C``); ``rate``: this step's running-stat rate (None: no update)."""
+        bn, c = self.bn, self.geom.out_channels
+        index = torch.cat([torch.arange(j * c, (j + 1) * c, device=y.device) for j in which])
+        weight = bn.weight[index] if bn.weight is not None else None
+        shift = bn.bias[index] if bn.bias is not None else None
+        if not bn.training and bn.track_running_stats:
+            y = y + bias.to(y.dtype)[:, None, None]
+            mean, var = bn.running_mean[index], bn.running_var[index]
+            return F.batch_norm(y, mean, var, weight, shift, False, 0.0, bn.eps)
+        if rate is None:
+            return F.batch_norm(y, None, None, weight, shift, True, 0.0, bn.eps)
+        mean, var = bn.running_mean[index], bn.running_var[index]
+        out = F.batch_norm(y, mean, var, weight, shift, True, rate, bn.eps)  # updates mean, var
+        with torch.no_grad():  # a per-channel constant before a training BN only moves its mean
+            bn.running_mean[index] = mean + rate * bias.detach().to(mean.dtype)
+            bn.running_var[index] = var
+        return out
+
+    def _forward_block_groups(self, flat: Tensor, groups: dict[str, list[int]]) -> Tensor:
+        """``(B, C_in, H, W)`` → ``(B, H', W', C_out)``: Σ over branches, each group its own conv."""
+        g, bn = self.geom, self.bn
+        with torch.autocast(flat.device.type, enabled=False):
+            sequential = self.training and self._sequential
+            moments = input_moments(flat.to(bn.running_mean.dtype)) if sequential else None
+            kernels = {
+                name: self.stacked_kernel(moments, bn.running_mean, which, (1, 1) if name != "kxk" else None)
+                for name, which in groups.items() if which
+            }  # fmt: skip
+        rate = None
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            rate = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        out = None
+        for name, (weight, bias) in kernels.items():
+            if name == "kxk":
+                z = F.conv2d(flat, weight, None, g.stride, g.padding, g.dilation)
+            elif name == "pointwise":  # centred 1×1 with "same" padding: a 1×1 conv without padding
+                z = F.conv2d(flat, weight, None, g.stride)
+            else:  # BN-and-pad with count_include_pad: avg-pool of the zero-padded 1×1 output
+                z = F.conv2d(flat, weight)
+                z = F.avg_pool2d(z, g.kernel, g.stride, g.padding, count_include_pad=True)
+            z = self._batch_norm_branches(z, groups[name], bias, rate)
+            b, _, h, w = z.shape
+            branch_sum = z.permute(0, 2, 3, 1).reshape(b, h, w, -1, g.out_channels).sum(3)
+            out = branch_sum if out is None else out + branch_sum
+        return out
+
     def forward_streams(self, x: Tensor) -> Tensor:
         bundle = self._bundle(x, plain_dim=4)
         self._check_features(bundle, 2, self.geom.in_channels, "input channels")
@@ -251,6 +326,9 @@ class RepConv2d(_RepLayer):
         # pairs then sit as (S, B, H', W', groups, N, C'/g) in memory, so positions join the
         # group axis of _connect as a free view. Outputs keep that layout (a permuted view).
         flat = bundle.reshape(s * b, *bundle.shape[2:]).contiguous(memory_format=torch.channels_last)
+        groups = self.block_groups()
+        if groups is not None:
+            return self._forward_block_groups(flat, groups).permute(0, 3, 1, 2)
         z = self._run_branches(flat, conv)
         h, w = z.shape[2:]
         pairs = z.permute(0, 2, 3, 1).reshape(s, b, h * w * g.groups, self.num_branches, -1, 1)
