@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (>= 1; default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument(
-        "--iters", type=int, default=25, help="deployed-inference iterations per model (default 25)"
+        "--iters", type=int, default=60, help="deployed-inference iterations per model (default 60)"
     )
     p.add_argument(
         "--budget", type=float, default=300.0,

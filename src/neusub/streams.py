@@ -117,14 +117,6 @@ _PLAIN_ACTS = {
     "hardswish": lambda slope: nn.Hardswish(),
 }
 
-_PLAIN_FNS = {
-    "relu": lambda x, slope: F.relu(x),
-    "leaky_relu": F.leaky_relu,
-    "silu": lambda x, slope: F.silu(x),
-    "gelu": lambda x, slope: F.gelu(x),
-    "hardswish": lambda x, slope: F.hardswish(x),
-}
-
 
 def list_activations() -> list[str]:
     return list(_GATES)
@@ -148,8 +140,8 @@ class GuidedActivation(StreamModule):
         self.in_streams = check_streams(in_streams)
 
     def forward_streams(self, x: Tensor) -> Tensor:
-        if self.in_streams == 1 or not self.guided:  # nothing to guide: the plain activation
-            return _PLAIN_FNS[self.act](x, self.negative_slope)
+        if self.in_streams == 1 or not self.guided:  # nothing to guide: act(x) = x · g(x)
+            return _GATES[self.act](x, x, self.negative_slope)
         x = self._bundle(x)
         return _GATES[self.act](x, x.sum(0), self.negative_slope)
 

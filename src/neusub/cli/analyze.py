@@ -33,7 +33,7 @@ def run_label(cfg: TrainConfig) -> str:
     return label
 
 
-def _val_batches(
+def val_batches(
     cfg: TrainConfig, samples: int, batch_size: int = 256
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     _, val_set, _ = load_dataset(cfg.dataset, cfg.data, config_dict(cfg), False, cfg.seed)
@@ -47,13 +47,13 @@ def _analyze_one(path: str, what: str, samples: int) -> tuple[str, dict]:
         raise CLIError(f"--what {what} needs the training checkpoint (a run folder or last.pt), not {path}")
     try:
         if what == "similarity":
-            x = _val_batches(cfg, min(samples, 256))[0][0]
+            x = val_batches(cfg, min(samples, 256))[0][0]
             result: dict = {"layers": analysis.branch_similarity(model, x)}
         elif what == "kernels":
             result = {"stages": analysis.kernel_magnitudes(model)}
         elif what == "block-drop":
             plain = model if deployed else deploy(model)
-            result = analysis.block_drop(plain, _val_batches(cfg, samples))
+            result = analysis.block_drop(plain, val_batches(cfg, samples))
         else:
             ns_model = build_model(TrainConfig(**{**config_dict(cfg), "connectivity": "ns"}), info)
             result = analysis.topology(ns_model)

@@ -124,7 +124,8 @@ def _prepare(run_dir: Path, cfg: dict[str, Any]) -> str:
 
 def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> dict:
     """Train (or resume) one run, evaluate its deployed network, write ``result.json``."""
-    from .analyze import _val_batches
+    from ..analysis import accuracy
+    from .analyze import val_batches
     from .commands import cmd_train, load_run_model
 
     torch.set_num_threads(threads)
@@ -139,18 +140,14 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
     lines = (path / "metrics.jsonl").read_text().splitlines()
     last = [r for r in map(json.loads, filter(None, lines)) if "epoch" in r][-1]
     plain, cfg, _, _ = load_run_model(str(path / "deployed.pt"))
-    correct = count = 0
-    with torch.no_grad():
-        for x, y in _val_batches(cfg, cfg.val_samples):
-            correct += int((plain(x).argmax(1) == y).sum())
-            count += len(y)
+    batches = val_batches(cfg, cfg.val_samples)
     result = {
         "name": name,
         **config_dict(cfg),
         "label": run_label(cfg),
         "val_acc_training": last["val_acc"],
-        "val_acc_deployed": correct / count,
-        "val_samples": count,
+        "val_acc_deployed": accuracy(plain, batches),
+        "val_samples": sum(len(y) for _, y in batches),
         "train_acc": last["train_acc"],
         "equivalence_error": record["equivalence_error"],
         "train_seconds": round(time.perf_counter() - start, 1),
