@@ -99,13 +99,13 @@ def _pyplot():
 def _plot_similarity(runs: dict[str, dict]):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for label, run in runs.items():
-        layers = run["layers"]
+    for i, (label, run) in enumerate(runs.items()):
+        layers, style = run["layers"], dict(marker="o", ms=3, color=f"C{i}", label=label)
         depth = range(1, len(layers) + 1)
-        axes[0].plot(depth, [r["branch"] for r in layers], marker="o", ms=3, label=label)
-        streams = [(i, r["stream"]) for i, r in zip(depth, layers) if r["stream"] is not None]
+        axes[0].plot(depth, [r["branch"] for r in layers], **style)
+        streams = [(d, r["stream"]) for d, r in zip(depth, layers) if r["stream"] is not None]
         if streams:
-            axes[1].plot(*zip(*streams), marker="o", ms=3, label=label)
+            axes[1].plot(*zip(*streams), **style)
     axes[0].set_title("between branches (same input stream)")
     axes[1].set_title("between output streams")
     for ax in axes:
