@@ -179,6 +179,7 @@ def _fails(capsys, args: list[str], match: str) -> str:
         (["--connectivity", "dense"], "unknown connectivity"),
         (["--stochastic", "1.5"], "out of range"),
         (["--epochs", "0"], "out of range"),
+        (["--train-samples", "-5"], "out of range"),
         (["--dataset", "cifar10", "--data", "/nonexistent"], "expected layout"),
         (["--dataset", "fashion-mnist", "--data", "/nonexistent"], "expected layout"),
         (["--dataset", "features"], "expected layout"),

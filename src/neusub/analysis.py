@@ -69,6 +69,7 @@ def branch_similarity(model: nn.Module, x: Tensor) -> list[dict]:
             )
 
         results[name] = {"layer": name, "branches": layer.num_branches, "streams": layer.out_streams}
+        layer.group_block_branches = False  # every pair through the stacked BN, where the hook sees it
         handles.append(layer.bn.register_forward_hook(on_pairs))
         handles.append(layer.register_forward_hook(on_output))
 
@@ -83,6 +84,8 @@ def branch_similarity(model: nn.Module, x: Tensor) -> list[dict]:
     finally:
         for handle in handles:
             handle.remove()
+        for _, layer in rep_layers(model):
+            layer.__dict__.pop("group_block_branches", None)
         model.train(was_training)
     return list(results.values())
 

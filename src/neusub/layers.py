@@ -234,14 +234,18 @@ class RepConv2d(_RepLayer):
         """Whether ``x`` is a stream bundle ``(S, B, C, H, W)`` rather than a plain tensor."""
         return x.dim() == 5
 
+    # False: block connectivity uses the one stacked k×k conv too (analysis hooks its BN).
+    group_block_branches: bool = True
+
     def block_groups(self) -> dict[str, list[int]] | None:
         """Block connectivity runs branches by their own cost: ``{"kxk": [...], "pointwise": [...],
         "pool": [...]}`` (branch indices; 1×1 convs and identity as a 1×1 conv, 1×1 → BN → avg as
         a 1×1 conv then avg-pool), or ``None`` where everything goes in one stacked k×k conv."""
         g = self.geom
         if (
-            self.connectivity != "block" or g.groups != 1 or g.kernel == (1, 1) or self.recompute
-            or g.padding != g.same_padding or type(self.bn) is not nn.BatchNorm2d
+            not self.group_block_branches or self.connectivity != "block" or self.recompute
+            or g.groups != 1 or g.kernel == (1, 1) or g.padding != g.same_padding
+            or type(self.bn) is not nn.BatchNorm2d
         ):  # fmt: skip
             return None
         groups: dict[str, list[int]] = {"kxk": [], "pointwise": [], "pool": []}

@@ -95,8 +95,8 @@ class TrainConfig:
             if not 0.0 <= value <= 1.0:
                 raise CLIError(f"--{name.replace('_', '-')}={value} is out of range; use a value in [0, 1]")
         for name in ("workers", "train_samples", "val_samples"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                value = getattr(self, name)
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
                 raise CLIError(f"--{name.replace('_', '-')}={value} is out of range; use an integer >= 0")
         return self
 

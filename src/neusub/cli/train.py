@@ -31,7 +31,7 @@ from .config import TrainConfig, config_dict
 from .data import DataInfo, SeededBatches, load_dataset, take_subset
 from .errors import CLIError
 
-MODEL_FIELDS = ("model", "recipe", "connectivity", "act", "width_mult", "stem", "dataset")
+MODEL_FIELDS = ("model", "recipe", "connectivity", "act", "guided", "width_mult", "stem", "dataset")
 
 
 @dataclass
@@ -186,9 +186,10 @@ class Trainer:
         ckpt = safe_load(path)
         saved = ckpt["config"]
         for key in MODEL_FIELDS:
-            if saved.get(key) != getattr(self.cfg, key):
+            was = saved.get(key, getattr(TrainConfig, key))  # a field newer than the checkpoint: its default
+            if was != getattr(self.cfg, key):
                 raise CLIError(
-                    f"checkpoint {path} was trained with {key}={saved.get(key)!r}, "
+                    f"checkpoint {path} was trained with {key}={was!r}, "
                     f"not {getattr(self.cfg, key)!r}; "
                     "resume with the run's own settings (omit the flag) or start a new --out folder"
                 )
