@@ -126,3 +126,23 @@ def test_analyze_errors(experiment: Path, capsys):
     plain = next((experiment / "out" / "runs").glob("*plain*/"))
     assert main(["analyze", str(plain), "--what", "kernels"]) == 2
     assert "no re-parameterized k×k conv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('[base]\nmodel = "resnet18"\n', "no [grid]"),
+        ('[[grid]]\nrecipe = ["dbb"]\nlearning_rate = [0.1]\n', "unknown settings ['learning_rate']"),
+        ('[[grid]]\nrecipe = "dbb"\n', "must be a non-empty list"),
+        ('[[grid]]\nrecipe = ["fancy"]\n', "unknown recipe"),
+        ("[[grid]\n", "not valid TOML"),
+    ],
+)
+def test_bad_grid_files(tmp_path: Path, capsys, text: str, match: str):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(text)
+    assert main(["experiment", str(grid), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "\n" not in err.strip()
+    assert main(["experiment", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err

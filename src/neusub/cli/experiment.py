@@ -42,7 +42,8 @@ import torch
 
 from .analyze import run_label
 from .checkpoint import atomic_save_json, atomic_write
-from .config import FIELDS, build_config, config_dict, load_toml
+from .config import FIELDS, TrainConfig, build_config, config_dict, load_toml
+from .data import DATASETS
 from .errors import CLIError
 
 # Fields that make the columns of the tables (how layers are connected); the rest make rows.
@@ -238,6 +239,20 @@ def write_csv(results: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------- command
 
 
+def _check_names(cfg: TrainConfig) -> None:
+    """Model, recipe, connectivity, activation and dataset names, without building anything."""
+    from ..models import LayerFactory, list_models
+
+    if cfg.model not in list_models():
+        raise CLIError(f"unknown model {cfg.model!r}; choose one of {', '.join(list_models())}")
+    if cfg.dataset not in DATASETS:
+        raise CLIError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        LayerFactory(cfg.recipe or "nsnet", cfg.connectivity, cfg.stochastic, cfg.neural_drop, cfg.act)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
 def cmd_experiment(grid_file: str, out: str, jobs: int = 1, progress: bool = True) -> dict:
     file = Path(grid_file)
     if not file.is_file():
@@ -245,7 +260,7 @@ def cmd_experiment(grid_file: str, out: str, jobs: int = 1, progress: bool = Tru
     spec = load_toml(file)
     runs, axes = expand_grid(spec)
     for _, settings in runs:  # every run's settings must be valid before anything starts
-        build_config(settings.get("preset"), settings, {})
+        _check_names(build_config(settings.get("preset"), settings, {}))
     if jobs < 1:
         raise CLIError(f"--jobs={jobs} is out of range; use an integer >= 1")
     out_dir = Path(out)
