@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fusion
-from .branches import ConvBranch, FixedBranch, SequentialBranch, input_moments, make_branch
+from .branches import ConvBranch, FixedBranch, Moments, SequentialBranch, input_moments, make_branch
 from .partition import draw_mixing, partition_sum
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .recompute import recomputed_batch_norm
@@ -135,15 +135,19 @@ class _RepLayer(StreamModule):
 
     # ------------------------------------------------------------------ forward
 
+    def _moments(self, flat: Tensor) -> Moments | None:
+        """The input's channel moments when composed branches need them (training), else None."""
+        if not (self.training and self._sequential):
+            return None
+        return input_moments(flat.to(self.bn.running_mean.dtype))
+
     def _run_branches(self, flat: Tensor, op) -> Tensor:
         """``op(flat, weight, bias)`` with every branch stacked, then the stacked BN."""
         bn = self.bn
         # Kernels and moments in the parameters' dtype even under autocast (AMP): they are
         # small, and composing them in bf16 would lose the exactness the fusion relies on.
         with torch.autocast(flat.device.type, enabled=False):
-            sequential = self.training and self._sequential
-            moments = input_moments(flat.to(bn.running_mean.dtype)) if sequential else None
-            weight, bias = self.stacked_kernel(moments, bn.running_mean)
+            weight, bias = self.stacked_kernel(self._moments(flat), bn.running_mean)
         if self.recompute and bn.training and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d):
             return recomputed_batch_norm(lambda x, w: op(x, w, None), flat, weight, bias, bn)
         rate = bn.momentum if bn.momentum is not None else 1.0 / (float(bn.num_batches_tracked) + 1.0)
@@ -283,9 +287,8 @@ class RepConv2d(_RepLayer):
     def _forward_block_groups(self, flat: Tensor, groups: dict[str, list[int]]) -> Tensor:
         """``(B, C_in, H, W)`` → ``(B, H', W', C_out)``: Σ over branches, each group its own conv."""
         g, bn = self.geom, self.bn
-        with torch.autocast(flat.device.type, enabled=False):
-            sequential = self.training and self._sequential
-            moments = input_moments(flat.to(bn.running_mean.dtype)) if sequential else None
+        with torch.autocast(flat.device.type, enabled=False):  # as in _run_branches
+            moments = self._moments(flat)
             kernels = {
                 name: self.stacked_kernel(moments, bn.running_mean, which, (1, 1) if name != "kxk" else None)
                 for name, which in groups.items() if which

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .branches import update_running_stats
+
 Op = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -72,12 +74,5 @@ def recomputed_batch_norm(op: Op, x: Tensor, weight: Tensor, bias: Tensor | None
         raise ValueError(
             f"BatchNorm in training needs more than 1 value per channel, got output shape {tuple(out.shape)}"
         )
-    if bn.track_running_stats:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            rate = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            if bias is not None:
-                mean = mean + bias.detach()
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), rate)
-            bn.running_var.lerp_((var * count / max(count - 1, 1)).to(bn.running_var.dtype), rate)
+    update_running_stats(bn, mean if bias is None else mean + bias.detach(), var, count)
     return out
