@@ -101,15 +101,23 @@ class SequentialBranch(nn.Module):
         if not self.to_avg:
             self.conv2 = _conv_weight(geom.out_channels, mid // geom.groups, geom.kernel)
 
+    @property
+    def needs_moments(self) -> bool:
+        """Whether the inner BN normalises with batch statistics (then it needs the input's moments)."""
+        return uses_batch_stats(self.bn1)
+
     def inner_affine(self, moments: Moments | None) -> tuple[Tensor, Tensor]:
-        """The inner BN as ``(scale, shift)``; batch statistics when ``moments`` is given."""
+        """The inner BN as ``(scale, shift)``. With ``moments`` (a training forward), what the BN
+        itself would use: batch statistics if :func:`uses_batch_stats` (by its own ``training``
+        flag, not the layer's), updating its running ones; else, and without moments, running ones."""
         bn = self.bn1
-        if moments is None:
-            return fusion.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        if moments is None or not uses_batch_stats(bn):
+            return running_affine(bn)
         w1 = fusion.grouped_to_dense(self.conv1, self.groups).flatten(1)  # (M, C_in), a view
         mean = w1 @ moments.mean
         var = ((w1 @ moments.cov) * w1).sum(1)
-        update_running_stats(bn, mean, var, moments.count)
+        if bn.training:
+            update_running_stats(bn, mean, var, moments.count)
         return fusion.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
 
     def kernel(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
@@ -119,6 +127,21 @@ class SequentialBranch(nn.Module):
         else:
             second = self.conv2
         return fusion.merge_1x1_kxk(first, (second, like.new_zeros(second.shape[0])), self.groups)
+
+
+def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """``nn.BatchNorm``'s own rule: batch statistics in training mode, or when it keeps none."""
+    return bn.training or bn.running_mean is None
+
+
+def running_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """``bn`` in eval mode as ``(scale, shift)``; a BN that keeps no running statistics has none."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{bn} keeps no running statistics (track_running_stats=False), so it has no fixed affine "
+            "form to fuse or deploy; build it with track_running_stats=True"
+        )
+    return fusion.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 @torch.no_grad()

@@ -10,13 +10,23 @@ partitioned into output streams by a small mixing matrix, without copies per pai
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fusion
-from .branches import ConvBranch, FixedBranch, Moments, SequentialBranch, input_moments, make_branch
+from .branches import (
+    ConvBranch,
+    FixedBranch,
+    Moments,
+    SequentialBranch,
+    input_moments,
+    make_branch,
+    running_affine,
+    uses_batch_stats,
+)
 from .partition import draw_mixing, partition_sum
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .recompute import recomputed_batch_norm
@@ -63,8 +73,13 @@ class _RepLayer(StreamModule):
         # One BN for all branches; channels ordered (groups, branch, C_out // groups) so a
         # single grouped conv can produce every branch (see stacked_kernel).
         self.bn = bn(len(specs) * geom.out_channels)
-        self._sequential = any(isinstance(b, SequentialBranch) for b in self.branches.values())
         self.set_in_streams(in_streams)
+
+    @property
+    def _like(self) -> Tensor:
+        """A tensor of the layer's dtype and device: kernels and moments are made like it."""
+        tensors = itertools.chain(self.bn.parameters(), self.bn.buffers(), self.parameters())
+        return next(t for t in tensors if t.is_floating_point())
 
     @property
     def num_branches(self) -> int:
@@ -117,10 +132,9 @@ class _RepLayer(StreamModule):
 
     def branch_kernels(self) -> list[fusion.Kernel]:
         """Each branch fused with its BN in eval mode: ``[(kernel, bias)]`` in branch order."""
-        bn = self.bn
-        scale, shift = fusion.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        scale, shift = running_affine(self.bn)
         scales, shifts = self._split(scale), self._split(shift)
-        like = bn.running_mean
+        like = scale
         return [
             fusion.fold_conv_bn(*branch.kernel(None, like, self.geom.kernel), scales[j], shifts[j])
             for j, branch in enumerate(self.branches.values())
@@ -128,18 +142,19 @@ class _RepLayer(StreamModule):
 
     def fused_kernel(self) -> fusion.Kernel:
         """The deployed op on the stream sum, computed in fp64: ``Σ_j W_j``, ``S · Σ_j b_j``."""
-        exact = copy.deepcopy(self).to(torch.float64) if self.bn.running_mean.dtype != torch.float64 else self
+        dtype = self._like.dtype
+        exact = copy.deepcopy(self).to(torch.float64) if dtype != torch.float64 else self
         kernel, bias = fusion.sum_branches(exact.branch_kernels())
-        dtype = self.bn.running_mean.dtype if self.bn.weight is None else self.bn.weight.dtype
         return kernel.to(dtype), (bias * self.in_streams).to(dtype)
 
     # ------------------------------------------------------------------ forward
 
     def _moments(self, flat: Tensor) -> Moments | None:
-        """The input's channel moments when composed branches need them (training), else None."""
-        if not (self.training and self._sequential):
+        """The input's channel moments when a composed branch's inner BN uses batch statistics
+        (by that BN's own mode: a frozen BN in a training network uses its running ones), else None."""
+        if not any(getattr(b, "needs_moments", False) for b in self.branches.values()):
             return None
-        return input_moments(flat.to(self.bn.running_mean.dtype))
+        return input_moments(flat.to(self._like.dtype))
 
     def _run_branches(self, flat: Tensor, op) -> Tensor:
         """``op(flat, weight, bias)`` with every branch stacked, then the stacked BN."""
@@ -147,7 +162,7 @@ class _RepLayer(StreamModule):
         # Kernels and moments in the parameters' dtype even under autocast (AMP): they are
         # small, and composing them in bf16 would lose the exactness the fusion relies on.
         with torch.autocast(flat.device.type, enabled=False):
-            weight, bias = self.stacked_kernel(self._moments(flat), bn.running_mean)
+            weight, bias = self.stacked_kernel(self._moments(flat), self._like)
         if self.recompute and bn.training and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d):
             return recomputed_batch_norm(lambda x, w: op(x, w, None), flat, weight, bias, bn)
         rate = bn.momentum if bn.momentum is not None else 1.0 / (float(bn.num_batches_tracked) + 1.0)
@@ -271,7 +286,7 @@ class RepConv2d(_RepLayer):
         index = torch.cat([torch.arange(j * c, (j + 1) * c, device=y.device) for j in which])
         weight = bn.weight[index] if bn.weight is not None else None
         shift = bn.bias[index] if bn.bias is not None else None
-        if not bn.training and bn.track_running_stats:
+        if not uses_batch_stats(bn):
             y = y + bias.to(y.dtype)[:, None, None]
             mean, var = bn.running_mean[index], bn.running_var[index]
             return F.batch_norm(y, mean, var, weight, shift, False, 0.0, bn.eps)
@@ -290,7 +305,7 @@ class RepConv2d(_RepLayer):
         with torch.autocast(flat.device.type, enabled=False):  # as in _run_branches
             moments = self._moments(flat)
             kernels = {
-                name: self.stacked_kernel(moments, bn.running_mean, which, (1, 1) if name != "kxk" else None)
+                name: self.stacked_kernel(moments, self._like, which, (1, 1) if name != "kxk" else None)
                 for name, which in groups.items() if which
             }  # fmt: skip
         rate = None

@@ -59,7 +59,8 @@ def _batch_norm(
         return t if t is None or channels is None else t[channels]
 
     use_batch_stats = training or bn.running_mean is None
-    track = bn.track_running_stats and bn.running_mean is not None
+    # nn.BatchNorm's rule: the running buffers are used in eval and updated in training if tracked
+    track = (bn.track_running_stats or not training) and bn.running_mean is not None
     running_mean = pick(bn.running_mean) if track else None
     running_var = pick(bn.running_var) if track else None
     if channels is not None and running_mean is not None:  # indexing copied them
@@ -128,7 +129,6 @@ def _pad_with(x: Tensor, value: Tensor, padding) -> Tensor:
 def _branch_outputs(layer: RepConv2d, spec: Branch, module: nn.Module, streams: list[Tensor]) -> list[Tensor]:
     """One branch, before its outer BN, on every input stream: a list of S tensors."""
     g = layer.geom
-    training = layer.training
     if spec.kind == "conv":
         # own small kernel, centred in the layer's kernel by its own padding
         padding = tuple(
@@ -143,6 +143,7 @@ def _branch_outputs(layer: RepConv2d, spec: Branch, module: nn.Module, streams: 
         firsts = [F.conv2d(x, module.conv1, None, 1, 0, 1, g.groups) for x in streams]
         # inner BN: statistics over all S streams together (one batch), running stats updated
         together = torch.cat(firsts, 0)
+        training = module.bn1.training  # each BN by its own mode, as nn.BatchNorm2d
         momentum = _start_batch(module.bn1, training)
         normed = _batch_norm(module.bn1, together, training, momentum)
         fill = _value_at_zero(module.bn1, together, training)
@@ -202,8 +203,9 @@ def literal_forward(layer: RepConv2d, x: Tensor, mixing: Tensor | None = None) -
     """The output of ``layer`` on ``x``, computed branch by branch and stream by stream.
 
     ``x``: a bundle ``(S, B, C, H, W)`` with ``S == layer.in_streams`` (a plain
-    ``(B, C, H, W)`` tensor is one stream). Uses ``layer.training`` for every
-    BatchNorm. Returns what ``layer(x)`` returns for its connectivity:
+    ``(B, C, H, W)`` tensor is one stream). Every BatchNorm follows its own ``training``
+    flag (a frozen BN uses its running statistics). Returns what ``layer(x)`` returns for
+    its connectivity:
 
     - ``"ns"``: ``(N, B, C', H', W')``, output i = sum of the S pairs that ``mixing``
       sends to it. ``mixing`` is ``(N, S, N)`` with ``mixing[i, l, j] = 1`` iff pair
@@ -231,7 +233,7 @@ def literal_forward(layer: RepConv2d, x: Tensor, mixing: Tensor | None = None) -
         raise ValueError("literal_forward: the layer's branches do not match its recipe")
     streams = list(x.unbind(0))
     n, s = len(specs), len(streams)
-    training = layer.training
+    training = layer.bn.training
 
     # pairs[src][j] = outer_bn_j(branch_j(x_src)), outer BN statistics over the S streams of branch j
     pairs: list[list[Tensor | None]] = [[None] * n for _ in range(s)]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .branches import update_running_stats
+from .branches import running_affine, update_running_stats, uses_batch_stats
 from .deploy import to_plain
 from .fusion import bn_affine
 
@@ -286,19 +286,20 @@ class StreamBatchNorm2d(StreamModule):
         x = self._bundle(x, plain_dim=4)
         s = x.shape[0]
         bn = self.bn
-        if self.training:
+        if uses_batch_stats(bn):  # the BN's own mode: frozen (eval) BN keeps its running statistics
             total = x.sum(0)
             mean = total.mean((0, 2, 3))
             var = total.var((0, 2, 3), unbiased=False)
-            update_running_stats(bn, mean, var, total.numel() // total.shape[1])
+            if bn.training:
+                update_running_stats(bn, mean, var, total.numel() // total.shape[1])
+            scale, shift = bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
         else:
-            mean, var = bn.running_mean, bn.running_var
-        scale, shift = bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
+            scale, shift = running_affine(bn)
         return x * scale.view(-1, 1, 1) + (shift / s).view(-1, 1, 1)
 
     def fuse(self) -> nn.Module:
         bn = self.bn
-        scale, shift = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        scale, shift = running_affine(bn)
         conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=True)
         conv.to(device=scale.device, dtype=scale.dtype)
         with torch.no_grad():
