@@ -67,7 +67,7 @@ def test_each_bn_follows_its_own_mode_against_the_literal_reference(recipe, whic
     literal_buffers = dict(literal.named_buffers())
     for name, buffer in layer.named_buffers():
         assert torch.allclose(buffer, literal_buffers[name], rtol=1e-12, atol=1e-14), name
-    frozen = [name for name, bn in layer.named_modules() if isinstance(bn, nn.BatchNorm2d) and not bn.training]
+    frozen = [n for n, bn in layer.named_modules() if isinstance(bn, nn.BatchNorm2d) and not bn.training]
     fresh = copy.deepcopy(layer)
     _randomise_bn(fresh)
     for name in frozen:  # a frozen BN's running statistics did not move
