@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from neusub.cli import main
+from neusub.cli.experiment import expand_grid
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
 
 GRID = """
 [base]
@@ -136,9 +144,21 @@ def test_analyze_errors(experiment: Path, capsys):
         ('[[grid]]\nrecipe = "dbb"\n', "must be a non-empty list"),
         ('[[grid]]\nrecipe = ["fancy"]\n', "unknown recipe"),
         ("[[grid]\n", "not valid TOML"),
+        ("[grid]\n", "has no axes"),
+        ("[[grid]]\n", "has no axes"),
+        ("[[grid]]\nsetting = [{}]\n", "has an empty table"),
+        ('[[grid]]\ndata = ["a b", "ab"]\n', "share the folder 'data=ab'"),
+        ('[[grid]]\ndata = ["x/y", "x-y"]\n', "share the folder 'data=x-y'"),
+        ("[[grid]]\nseed = [0]\n[[exclude]]\nseed = 0\n", "yields no run"),
+        ("base = 5\n[[grid]]\nseed = [0]\n", "[base] must be a table"),
+        ('[base]\nlr = "fast"\n[[grid]]\nseed = [0]\n', "'lr'='fast' is a string; it must be a number"),
+        ('[[grid]]\nlr = ["fast"]\n', "'lr'='fast' is a string"),
+        ("[[grid]]\nseed = [0]\n[[exclude]]\nbogus = 1\n", "unknown settings ['bogus']"),
+        ("exclude = 5\n[[grid]]\nseed = [0]\n", "[[exclude]] must be tables"),
+        ('[[grid]]\nseed = [0]\nout = ["x"]\n', "set by the experiment itself"),
     ],
 )
-def test_bad_grid_files(tmp_path: Path, capsys, text: str, match: str):
+def test_bad_grid_files(tmp_path: Path, capsys, text: str, match: str):  # nothing is created
     grid = tmp_path / "grid.toml"
     grid.write_text(text)
     assert main(["experiment", str(grid), "--out", str(tmp_path / "out")]) == 2
@@ -146,3 +166,21 @@ def test_bad_grid_files(tmp_path: Path, capsys, text: str, match: str):
     assert match in err and "\n" not in err.strip()
     assert main(["experiment", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_that_yields_no_run_never_deletes_finished_runs(experiment: Path, capsys):
+    """An empty [grid] table once became one run named "" whose folder was DIR/runs itself."""
+    out = experiment / "out"
+    before = tree_digest(out)
+    base = GRID[: GRID.index("[[grid]]")]
+    for table in ("[grid]\n", "[[grid]]\n"):
+        (experiment / "empty.toml").write_text(base + table)
+        assert main(["experiment", str(experiment / "empty.toml"), "--out", str(out)]) == 2
+        assert "has no axes" in capsys.readouterr().err
+    assert tree_digest(out) == before
+
+
+def test_exclude_may_be_one_table():
+    runs, _ = expand_grid({"grid": {"seed": [0, 1, 2]}, "exclude": {"seed": 1}})
+    assert [name for name, _ in runs] == ["seed=0", "seed=2"]

@@ -62,7 +62,10 @@ def check_equivalence(model: nn.Module, example_input: Tensor, deployed: nn.Modu
     ``example_input`` is what the training structure takes; the deployed network
     gets its stream sum when it is a bundle (always with ``in_streams > 1``; a
     1-stream bundle ``(1, B, ...)`` is recognised by the first layer's ``is_bundle``).
+    A ``ValueError`` when the input or either output is not finite (the error would be NaN).
     """
+    if not bool(torch.isfinite(example_input).all()):
+        raise ValueError("check_equivalence: example_input holds NaN or inf; pass finite values")
     deployed = deploy(model) if deployed is None else deployed
     was_training = model.training
     model.eval()
@@ -73,5 +76,11 @@ def check_equivalence(model: nn.Module, example_input: Tensor, deployed: nn.Modu
     plain_input = example_input.sum(0) if _input_is_bundle(model, example_input) else example_input
     out = deployed(plain_input)
     reference = _sum_streams(reference, out)
+    for name, tensor in (("training structure", reference), ("deployed network", out)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"check_equivalence: the {name}'s output holds NaN or inf on a finite input; "
+                "its weights or statistics are not finite (did training diverge?)"
+            )
     scale = out.abs().max().clamp_min(torch.finfo(out.dtype).tiny)
     return float((reference - out).abs().max() / scale)

@@ -7,13 +7,16 @@ and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import signal
 import sys
+import threading
 
 from .. import __version__
-from .config import FIELDS, PRESETS
-from .data import DATASETS
-from .errors import CLIError
+from .checkpoint import finite_json
+from .config import FIELD_TYPES, FIELDS, TrainConfig
+from .errors import CLIError, Stopped, Terminated, stop_code
+from .runfolder import describe_os_error
 
 
 def on_off(text: str) -> bool:
@@ -22,36 +25,16 @@ def on_off(text: str) -> bool:
     return text.lower() in ("on", "true", "1")
 
 
-_TRAIN_FLAGS: list[tuple[str, object, str]] = [
-    ("model", str, "model name (neusub.list_models())"),
-    ("recipe", str, "recipe name (neusub.list_recipes()); default: the model's"),
-    ("connectivity", str, "block | ns | naive"),
-    ("stochastic", float, "probability of re-drawing the NS partition per step"),
-    ("neural-drop", float, "probability of dropping a (stream, branch) pair"),
-    ("act", str, "activation (guided under ns)"),
-    ("guided", "on_off", "guided activation: on | off (off: the paper's ablation, deploy not exact)"),
-    ("width-mult", float, "channel width multiplier"),
-    ("stem", str, "cifar | imagenet"),
-    ("dataset", str, "one of " + ", ".join(DATASETS)),
-    ("data", str, "dataset path"),
-    ("train-samples", int, "train on a fixed subset of this many samples (0: all)"),
-    ("val-samples", int, "validate on a fixed subset of this many samples (0: all)"),
-    ("epochs", int, "training epochs"),
-    ("batch-size", int, "batch size per process"),
-    ("lr", float, "peak learning rate"),
-    ("opt", str, "timm optimizer name (lamb, adamw, sgd, ...)"),
-    ("weight-decay", float, "weight decay"),
-    ("warmup-epochs", int, "linear warm-up epochs"),
-    ("label-smoothing", float, "label smoothing"),
-    ("mixup", float, "mixup alpha"),
-    ("cutmix", float, "cutmix alpha"),
-    ("drop-path", float, "stochastic depth rate"),
-    ("ema", float, "EMA decay (0 = off)"),
-    ("seed", int, "random seed"),
-    ("workers", int, "data loader workers"),
-    ("ckpt-steps", int, "checkpoint every N steps (and every epoch)"),
-    ("out", str, "run folder"),
-]
+def _add_train_flags(train: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, typed from its annotation (checked there)."""
+    for option in dataclasses.fields(TrainConfig):
+        flag, text = f"--{option.name.replace('_', '-')}", option.metadata["help"]
+        base, _ = FIELD_TYPES[option.name]
+        if base is bool and option.default is False:
+            train.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            kind = on_off if base is bool else base
+            train.add_argument(flag, type=kind, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,22 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (resumable)")
     train.add_argument("--config", help="JSON or TOML file of settings; flags override it")
-    train.add_argument("--preset", help="the paper's Appendix B hyper-parameters: " + ", ".join(PRESETS))
-    for flag, kind, text in _TRAIN_FLAGS:
-        train.add_argument(f"--{flag}", type=on_off if kind == "on_off" else kind, default=None, help=text)
-    switches = [
-        ("resume", "continue the run in --out"), ("download", "download CIFAR"), ("amp", "mixed precision"),
-        ("channels-last", "channels_last memory format"), ("compile", "torch.compile the model"),
-        ("sync-bn", "SyncBatchNorm under DDP"),
-    ]  # fmt: skip
-    for flag, text in switches:
-        train.add_argument(f"--{flag}", action="store_true", default=None, help=text)
+    _add_train_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt
 
     ev = sub.add_parser("eval", help="validation accuracy of a checkpoint or deployed file")
     ev.add_argument("checkpoint")
-    ev.add_argument("--dataset", help="one of " + ", ".join(DATASETS))
+    ev.add_argument("--dataset", help="the dataset to evaluate on (default: the run's)")
     ev.add_argument("--data")
 
     dep = sub.add_parser("deploy", help="save the deployed (plain) network; prints the equivalence error")
@@ -128,20 +102,35 @@ def _run(args: argparse.Namespace) -> dict:
     return commands.cmd_export(args.checkpoint, args.format, args.out)
 
 
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         result = _run(args)
     except CLIError as err:
         print(f"neusub: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("neusub: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    except Stopped as stop:
+        print(f"neusub: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt as stop:
+        print("neusub: interrupted", file=sys.stderr)
+        return stop_code(stop)
+    except OSError as err:  # a file system refusal the command did not foresee
+        print(f"neusub: error: {describe_os_error(err, 'use')}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if result:
-        print(json.dumps(result, indent=2))
+        print(finite_json(result, indent=2))
     return 0

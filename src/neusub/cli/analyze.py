@@ -18,6 +18,7 @@ from .commands import load_run_model
 from .config import TrainConfig, config_dict
 from .data import load_dataset, take_subset
 from .errors import CLIError
+from .runfolder import describe_os_error
 from .train import build_model
 
 ANALYSES = ("similarity", "kernels", "block-drop", "topology")
@@ -67,6 +68,8 @@ def cmd_analyze(paths: list[str], what: str, out: str | None, samples: int = 200
         raise CLIError(f"unknown analysis {what!r}; choose one of {', '.join(ANALYSES)}")
     if samples < 1:
         raise CLIError(f"--samples={samples} is out of range; use an integer >= 1")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise CLIError(f"--out {out} is a file; choose a folder for {what}.json and {what}.png")
     runs: dict[str, dict] = {}
     for path in paths:
         label, result = _analyze_one(path, what, samples)
@@ -75,7 +78,10 @@ def cmd_analyze(paths: list[str], what: str, out: str | None, samples: int = 200
         runs[label] = result
     first = Path(paths[0])
     out_dir = Path(out) if out else (first if first.is_dir() else first.parent) / "analysis"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(describe_os_error(err, f"create {out_dir}")) from None
     stem = what.replace("-", "_")
     atomic_save_json(runs, out_dir / f"{stem}.json")
     figure = PLOTS[what](runs)

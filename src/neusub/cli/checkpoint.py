@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import random
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,6 +19,23 @@ import torch
 from .errors import CLIError
 
 FORMAT = "neusub-checkpoint-v1"
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """The temporary files :func:`atomic_write` leaves behind when its process is killed."""
+    return sorted(p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file())
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC, also when torch's zip writer reports it as ``RuntimeError: [enforce fail ...]``."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -23,16 +43,29 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     on any failure the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # what open() gives: mkstemp makes the file private (0600)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)) and _is_disk_full(err):
+            kept = f"; {path.name} was left as it was" if path.exists() else ""
+            raise CLIError(
+                f"the disk is full: {path} could not be written{kept}; free some space "
+                "(or choose another --out) and run the command again"
+            ) from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -40,15 +73,52 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+def finite_json(obj: Any, indent: int | None = None) -> str:
+    """JSON that parses everywhere: non-finite floats (NaN, ±inf) become ``null``."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(v) for key, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
 def atomic_save_json(obj: dict, path: str | Path) -> None:
-    atomic_write(path, lambda handle: handle.write(json.dumps(obj, indent=2).encode()))
+    atomic_write(path, lambda handle: handle.write(finite_json(obj, indent=2).encode()))
 
 
-def safe_load(path: str | Path, expect: str = FORMAT) -> dict:
-    """Load a neusub file without unpickling arbitrary objects; ``CLIError`` when it is not one."""
+def verify_archive(path: Path) -> None:
+    """Check every member of a checkpoint's zip archive against its stored CRC-32.
+
+    ``torch.load`` does not: a flipped byte inside a tensor would load silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as err:
+        raise CLIError(
+            f"{path} is not a readable neusub checkpoint ({err}); it may be truncated or from another "
+            "program — use a file written by `neusub train` / `neusub deploy`"
+        ) from None
+    if bad is not None:
+        raise CLIError(
+            f"{path} is corrupt: its member {bad!r} fails its checksum (a changed byte on disk); "
+            "restore it from a copy, or resume from an earlier checkpoint"
+        )
+
+
+def safe_load(path: str | Path, expect: str | tuple[str, ...] = FORMAT) -> dict:
+    """Load a neusub file of format ``expect`` (one or several) without unpickling arbitrary
+    objects, after checking its checksums; ``CLIError`` when it is not one."""
     path = Path(path)
+    expect = (expect,) if isinstance(expect, str) else expect
     if not path.is_file():
         raise CLIError(f"checkpoint {path} does not exist; pass the path of a run's last.pt or a run folder")
+    verify_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, corrupt, or pickles foreign objects
@@ -57,9 +127,10 @@ def safe_load(path: str | Path, expect: str = FORMAT) -> dict:
             f"{path} is not a readable neusub checkpoint ({reason}); it may be truncated or "
             "from another program — use a last.pt written by `neusub train`"
         ) from None
-    if not isinstance(obj, dict) or obj.get("format") != expect:
+    if not isinstance(obj, dict) or obj.get("format") not in expect:
         raise CLIError(
-            f"{path} is not a {expect} file; use a file written by `neusub train` / `neusub deploy`"
+            f"{path} is not a {' or '.join(expect)} file; "
+            "use a file written by `neusub train` / `neusub deploy`"
         )
     return obj
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -11,53 +13,132 @@ from torch import nn
 
 from .. import check_equivalence, deploy
 from .checkpoint import FORMAT, atomic_save, atomic_save_json, atomic_write, safe_load
-from .config import TrainConfig, build_config, config_dict, read_config_file
-from .data import DataInfo, load_dataset
-from .errors import CLIError
-from .train import DEPLOYED_FORMAT, Trainer, build_model, save_deployed, setup_distributed, write_plot
+from .config import (
+    RESUME_CHANGES,
+    TrainConfig,
+    build_config,
+    check_value,
+    config_dict,
+    config_from_dict,
+    read_config_file,
+)
+from .data import DataInfo, info_from_dict, load_dataset
+from .errors import CLIError, Stopped, stop_code
+from .runfolder import ABSENT, CHECKPOINTED, EMPTY, STARTED, RunFolder
+from .train import (
+    DEPLOYED_FORMAT,
+    Trainer,
+    build_model,
+    load_state,
+    save_deployed,
+    setup_distributed,
+    write_plot,
+)
 
 
-def _check_run_dir(out: str, resume: bool) -> Path:
-    """A new run folder, or an existing one only with ``--resume``; never overwrite a run."""
-    run_dir = Path(out)
-    has_run = (run_dir / "config.json").exists() or (run_dir / "last.pt").exists()
-    if has_run and not resume:
+def _resume_config(folder: RunFolder, explicit: dict) -> tuple[TrainConfig, dict]:
+    """The run's saved config with the explicit settings a resume may change (``RESUME_CHANGES``);
+    ``(config, {key: (old, new)})``. Any other change is refused: it would not be this run."""
+    saved = config_dict(config_from_dict(folder.saved_config(), str(folder.config_file)))
+    asked = {key: check_value(key, value) for key, value in explicit.items() if key not in ("out", "resume")}
+    changes = {key: (saved[key], value) for key, value in asked.items() if saved[key] != value}
+    refused = [f"{key}={new!r} (the run has {old!r})" for key, (old, new) in changes.items()
+               if key not in RESUME_CHANGES]  # fmt: skip
+    if refused:
         raise CLIError(
-            f"run folder {run_dir} already holds a run; pass --resume to continue it or choose another --out"
+            f"--resume continues {folder.path} with its own settings: {', '.join(refused)} cannot change "
+            f"(a resume may change only {', '.join(RESUME_CHANGES)}); omit them, or start a new --out"
         )
-    if resume and not (run_dir / "last.pt").exists():
-        raise CLIError(f"--resume: {run_dir / 'last.pt'} does not exist; start the run without --resume")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CLIError(f"--out {run_dir} is a file; choose a folder")
-    return run_dir
+    values = {**saved, **{key: new for key, (_, new) in changes.items()}}
+    return TrainConfig(**{**values, "out": str(folder.path), "resume": True}), changes
+
+
+def _claim_run_folder(folder: RunFolder, resume: bool) -> str:
+    """The folder's status, refusing what this train command may not write into."""
+    status = folder.status()
+    folder.refuse_foreign()
+    if status in (STARTED, CHECKPOINTED) and not resume:
+        raise CLIError(
+            f"run folder {folder.path} already holds a run; "
+            "pass --resume to continue it or choose another --out"
+        )
+    if resume and status in (ABSENT, EMPTY):
+        state = "does not exist" if status == ABSENT else "is empty"
+        raise CLIError(f"--resume: {folder.path} {state}: no run to continue; start the run without --resume")
+    return status
 
 
 def cmd_train(
     flags: dict, config_file: str | None, progress: bool = True, stop_after: int | None = None
 ) -> dict:
     file_values = read_config_file(config_file) if config_file else {}
-    out = flags.get("out") or file_values.get("out") or TrainConfig.out
-    resume = bool(flags.get("resume"))
-    run_dir = _check_run_dir(out, resume)
-    if resume:  # the run's own settings, then what the user states again explicitly
-        file_values = json.loads((run_dir / "config.json").read_text())
-    cfg = build_config(flags.get("preset") or file_values.get("preset"), file_values, {**flags, "out": out})
+    explicit = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
+    out = check_value("out", explicit.get("out", TrainConfig.out))
+    resume = bool(explicit.get("resume"))
+    folder = RunFolder(out)
+    main = int(os.environ.get("RANK", "0")) == 0  # DDP: rank 0 owns the folder, the others follow
+    cfg = None if resume else build_config(file_values, {**flags, "out": out})  # checked before any write
+    if not main:
+        status = folder.status()
+        cfg, _ = _resume_config(folder, explicit) if resume else (cfg, {})
+        return _train_in(folder, cfg, status, {}, progress, stop_after)
+    _claim_run_folder(folder, resume)
+    created = folder.create()
+    try:
+        with folder.locked():
+            status = _claim_run_folder(folder, resume)  # again, now that no one else can write
+            changes: dict = {}
+            if resume:
+                cfg, changes = _resume_config(folder, explicit)
+            removed = folder.remove_temp_files()
+            if progress and removed:
+                print(
+                    f"neusub: removed {len(removed)} temporary file(s) of an interrupted save",
+                    file=sys.stderr,
+                )
+            return _train_in(folder, cfg, status, changes, progress, stop_after)
+    except BaseException:
+        if created and folder.path.is_dir() and not any(folder.path.iterdir()):
+            folder.path.rmdir()  # made by this call and still empty: leave no trace
+        raise
+
+
+def _train_in(
+    folder: RunFolder, cfg: TrainConfig, status: str, changes: dict, progress: bool, stop_after: int | None
+) -> dict:
+    """Train ``cfg`` in ``folder`` (claimed and locked by the caller on rank 0)."""
     env = setup_distributed()
+    trainer = Trainer(cfg, folder.path, env, progress)
+    if status == CHECKPOINTED:
+        trainer.load(folder.checkpoint)
     if env.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir, env, progress)
-    if resume:
-        trainer.load(run_dir / "last.pt")
-    elif env.main:
-        atomic_save_json(config_dict(cfg), run_dir / "config.json")
-    record = trainer.run(stop_after)
+        if status != CHECKPOINTED or changes:
+            atomic_save_json(config_dict(dataclasses.replace(cfg, resume=False)), folder.config_file)
+        if status != CHECKPOINTED:  # a new run, or one stopped before its first checkpoint: from scratch
+            atomic_write(folder.metrics, lambda handle: None)
+        if progress and status == STARTED:
+            print(
+                f"neusub: {folder.path} stopped before its first checkpoint; starting it again",
+                file=sys.stderr,
+            )
+        if progress and changes:
+            said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            print(f"neusub: resuming with {said} (recorded in config.json)", file=sys.stderr)
+    try:
+        record = trainer.run(stop_after)
+    except KeyboardInterrupt as stop:
+        raise Stopped(
+            f"stopped at step {trainer.global_step}; {trainer.kept()}: continue with "
+            f"`neusub train --resume --out {folder.path}`",
+            stop_code(stop),
+        ) from None
     if stop_after is not None and trainer.epoch < cfg.epochs:
         return {"stopped_at_step": trainer.global_step}
     if env.main:
-        deployed = save_deployed(trainer.model, cfg, trainer.info, run_dir / "deployed.pt")
+        deployed = save_deployed(trainer.model, cfg, trainer.info, folder.path / "deployed.pt")
         x = next(iter(torch.utils.data.DataLoader(trainer.val_set, batch_size=64)))[0].to(env.device)
         record["equivalence_error"] = check_equivalence(trainer.model, x, deployed)
-        write_plot(run_dir)
+        write_plot(folder.path)
     if env.world > 1:
         torch.distributed.destroy_process_group()
     return record if env.main else {}
@@ -74,32 +155,33 @@ def _checkpoint_path(path: str) -> Path:
 def load_run_model(path: str) -> tuple[nn.Module, TrainConfig, DataInfo, bool]:
     """``(model, config, info, deployed?)`` from a training checkpoint or a deployed file."""
     file = _checkpoint_path(path)
-    try:
-        ckpt = safe_load(file, FORMAT)
-        deployed = False
-    except CLIError as first:
-        try:
-            ckpt = safe_load(file, DEPLOYED_FORMAT)
-            deployed = True
-        except CLIError:
-            raise first from None
-    cfg = TrainConfig(**ckpt["config"])
-    info = DataInfo(**{**ckpt["info"], "input_shape": tuple(ckpt["info"]["input_shape"])})
+    ckpt = safe_load(file, (FORMAT, DEPLOYED_FORMAT))
+    deployed = ckpt["format"] == DEPLOYED_FORMAT
+    for key in ("config", "info", "state_dict" if deployed else "model"):
+        if key not in ckpt:
+            raise CLIError(f"{file} lacks {key!r}; it was not written by neusub (or was changed)")
+    cfg = config_from_dict(ckpt["config"], f"{file}: config")
+    info = info_from_dict(ckpt["info"], f"{file}: info")
     model = build_model(cfg, info)
     if deployed:
         model = deploy(model)
-    state = ckpt["state_dict"] if deployed else ckpt["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CLIError(f"{file} does not match its own config ({str(err).splitlines()[0][:160]})") from None
+    load_state(model, ckpt["state_dict"] if deployed else ckpt["model"], str(file))
     return model.eval(), cfg, info, deployed
 
 
 def cmd_eval(path: str, dataset: str | None, data: str | None) -> dict:
     model, cfg, info, deployed = load_run_model(path)
+    if dataset is not None:
+        check_value("dataset", dataset)
     cfg.dataset, cfg.data = dataset or cfg.dataset, data or cfg.data
-    _, val_set, _ = load_dataset(cfg.dataset, cfg.data, config_dict(cfg), False, cfg.seed)
+    _, val_set, data_info = load_dataset(cfg.dataset, cfg.data, config_dict(cfg), False, cfg.seed)
+    if tuple(data_info.input_shape) != tuple(info.input_shape) or data_info.num_classes > info.num_classes:
+        raise CLIError(
+            f"{path} takes inputs of shape {tuple(info.input_shape)} with {info.num_classes} classes, but "
+            f"dataset {cfg.dataset!r} has {tuple(data_info.input_shape)} "
+            f"with {data_info.num_classes} classes; "
+            "evaluate it on data like its training data (--dataset / --data)"
+        )
     loader = torch.utils.data.DataLoader(val_set, batch_size=256)
     correct = count = 0
     loss = 0.0
@@ -212,5 +294,5 @@ def cmd_demo(out: str | None, fast: bool, progress: bool = True) -> dict:
         "inference_ms_training": 1000 * _time_inference(model, x[:64], 2 if fast else 20),
         "inference_ms_deployed": 1000 * _time_inference(plain, x[:64], 2 if fast else 20),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_save_json(summary, run_dir / "summary.json")
     return summary

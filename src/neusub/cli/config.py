@@ -1,13 +1,19 @@
-"""Training configuration: the paper's Appendix B presets, config files and flags.
+"""Training configuration: every option declared once, with its type, range and help.
 
-Precedence: preset < config file < command-line flags. The effective config is
-saved as ``config.json`` in the run folder.
+Precedence: preset < config file < command-line flags. Every source is checked against
+the declarations here (type, then range), so a bad value is a one-line error naming the
+option and what is allowed, wherever it comes from. The effective config is saved as
+``config.json`` in the run folder.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import math
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,73 +41,220 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }  # fmt: skip
 
+# ---------------------------------------------------------------------- range checks
+# A check gets the option's label (``--lr`` or ``'lr'``) and value; it returns None when the
+# value is allowed, else the error message.
+Check = Callable[[str, Any], "str | None"]
+
+
+def between(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Check:
+    def check(label: str, value: Any) -> str | None:
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if above and below:
+            return None
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        return f"{label}={value!r} is out of range; use a value in {interval}"
+
+    return check
+
+
+def at_least(low: float) -> Check:
+    return lambda label, value: None if value >= low else f"{label}={value!r} is out of range; use >= {low:g}"
+
+
+def above(low: float) -> Check:
+    return lambda label, value: None if value > low else f"{label}={value!r} is out of range; use > {low:g}"
+
+
+def one_of(choices: Sequence[str] | Callable[[], Sequence[str]]) -> Check:
+    def check(label: str, value: Any) -> str | None:
+        allowed = choices() if callable(choices) else choices
+        if value in allowed:
+            return None
+        what = label.strip("-'").replace("-", " ").replace("_", " ")
+        return f"unknown {what} {value!r}; choose one of {', '.join(allowed)}"
+
+    return check
+
+
+def _models() -> list[str]:
+    from ..models import list_models
+
+    return list_models()
+
+
+def _recipes() -> list[str]:
+    from ..recipes import list_recipes
+
+    return list_recipes()
+
+
+def _activations() -> list[str]:
+    from ..streams import list_activations
+
+    return list_activations()
+
+
+def _connectivities() -> tuple[str, ...]:
+    from ..layers import CONNECTIVITIES
+
+    return CONNECTIVITIES
+
+
+def _datasets() -> tuple[str, ...]:
+    from .data import DATASETS
+
+    return DATASETS
+
+
+def _optimizers() -> list[str]:
+    from timm.optim import list_optimizers
+
+    return list_optimizers()
+
+
+def _non_empty(label: str, value: str) -> str | None:
+    return None if value.strip() else f"{label} is empty; give a folder path"
+
+
+def option(default: Any, help: str, check: Check | None = None) -> Any:
+    """A config field: its default, its ``--help`` text and the range check of its values."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and Python accept it too
+
 
 @dataclass
 class TrainConfig:
-    model: str = "resnet18"
-    recipe: str | None = None
-    connectivity: str = "ns"
-    stochastic: float = 0.0
-    neural_drop: float = 0.0
-    act: str = "relu"
-    guided: bool = True
-    width_mult: float = 1.0
-    stem: str = "cifar"
-    preset: str = "cifar100"
-    dataset: str = "cifar100"
-    data: str | None = None
-    train_samples: int = 0  # 0: all; else a fixed subset (the same for every seed)
-    val_samples: int = 0
-    download: bool = False
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 3.5e-3
-    opt: str = "lamb"
-    weight_decay: float = 1e-2
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-6
-    img_size: int = 32
-    label_smoothing: float = 0.0
-    auto_augment: str | None = None
-    rand_augment: str | None = None
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    bce: float | None = None
-    color_jitter: float = 0.0
-    drop_path: float = 0.0
-    interpolation: str = "bicubic"
-    crop_pct: float = 1.0
-    ema: float = 0.0
-    seed: int = 0
-    amp: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-    workers: int = 0
-    ckpt_steps: int = 100
-    out: str = "runs/train"
-    resume: bool = False
-
-    def check(self) -> TrainConfig:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "ckpt_steps": self.ckpt_steps}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise CLIError(f"--{name.replace('_', '-')}={value} is out of range; use an integer >= 1")
-        if not self.lr > 0 or self.width_mult <= 0:
-            raise CLIError(f"--lr={self.lr} and --width-mult={self.width_mult} must be > 0")
-        for name in ("stochastic", "neural_drop", "drop_path", "mixup", "label_smoothing", "ema"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise CLIError(f"--{name.replace('_', '-')}={value} is out of range; use a value in [0, 1]")
-        for name in ("workers", "train_samples", "val_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise CLIError(f"--{name.replace('_', '-')}={value} is out of range; use an integer >= 0")
-        return self
+    model: str = option("resnet18", "model name (neusub.list_models())", one_of(_models))
+    recipe: str | None = option(
+        None, "recipe (neusub.list_recipes()); default: the model's", one_of(_recipes)
+    )
+    connectivity: str = option("ns", "block | ns | naive", one_of(_connectivities))
+    stochastic: float = option(0.0, "probability of re-drawing the NS partition per step", between(0, 1))
+    neural_drop: float = option(
+        0.0, "probability of dropping a (stream, branch) pair", between(0, 1, open_high=True)
+    )
+    act: str = option("relu", "activation (guided under ns)", one_of(_activations))
+    guided: bool = option(True, "guided activation: on | off (off: the paper's ablation, deploy not exact)")
+    width_mult: float = option(1.0, "channel width multiplier", between(0, 8, open_low=True))
+    stem: str = option("cifar", "cifar | imagenet", one_of(("cifar", "imagenet")))
+    preset: str = option("cifar100", "the paper's Appendix B hyper-parameters", one_of(tuple(PRESETS)))
+    dataset: str = option("cifar100", "dataset name", one_of(_datasets))
+    data: str | None = option(None, "dataset path")
+    train_samples: int = option(0, "train on a fixed subset of this many samples (0: all)", at_least(0))
+    val_samples: int = option(0, "validate on a fixed subset of this many samples (0: all)", at_least(0))
+    download: bool = option(False, "download CIFAR")
+    epochs: int = option(100, "training epochs", between(1, 100_000))
+    batch_size: int = option(128, "batch size per process (BatchNorm needs >= 2)", between(2, 1_000_000))
+    lr: float = option(3.5e-3, "peak learning rate", above(0))
+    opt: str = option("lamb", "timm optimizer name (lamb, adamw, sgd, ...)", one_of(_optimizers))
+    weight_decay: float = option(1e-2, "weight decay", at_least(0))
+    warmup_epochs: int = option(5, "linear warm-up epochs", at_least(0))
+    warmup_lr: float = option(1e-5, "learning rate at the start of the warm-up", at_least(0))
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine schedule", at_least(0))
+    img_size: int = option(32, "image size (imagefolder)", between(1, 4096))
+    label_smoothing: float = option(0.0, "label smoothing", between(0, 1, open_high=True))
+    auto_augment: str | None = option(None, "AutoAugment policy for CIFAR", one_of(("cifar10",)))
+    rand_augment: str | None = option(None, "timm RandAugment spec for imagefolder (e.g. rand-m7-mstd0.5)")
+    mixup: float = option(0.0, "mixup alpha", at_least(0))
+    cutmix: float = option(0.0, "cutmix alpha", at_least(0))
+    bce: float | None = option(None, "binary cross-entropy target threshold", between(0, 1))
+    color_jitter: float = option(0.0, "colour jitter (imagefolder)", at_least(0))
+    drop_path: float = option(0.0, "stochastic depth rate", between(0, 1, open_high=True))
+    interpolation: str = option(
+        "bicubic", "train resize interpolation (imagefolder)", one_of(("bilinear", "bicubic", "random"))
+    )
+    crop_pct: float = option(1.0, "centre crop fraction (imagefolder)", between(0, 1, open_low=True))
+    ema: float = option(0.0, "EMA decay (0 = off)", between(0, 1, open_high=True))
+    seed: int = option(0, "random seed", between(0, SEED_MAX))
+    amp: bool = option(False, "mixed precision")
+    channels_last: bool = option(False, "channels_last memory format")
+    compile: bool = option(False, "torch.compile the model")
+    sync_bn: bool = option(False, "SyncBatchNorm under DDP")
+    workers: int = option(0, "data loader workers", between(0, 256))
+    ckpt_steps: int = option(100, "checkpoint every N steps (and every epoch)", at_least(1))
+    out: str = option("runs/train", "run folder", _non_empty)
+    resume: bool = option(False, "continue the run in --out")
 
 
 FIELDS = {f.name for f in fields(TrainConfig)}
+# Settings a resume may change: where the data is and how the run is checkpointed, nothing
+# that changes what is computed (a resumed run ends bit-identical to an uninterrupted one).
+RESUME_CHANGES = ("data", "workers", "ckpt_steps", "download")
+
+
+def _types() -> dict[str, tuple[type, bool]]:
+    """``{field: (base type, None allowed)}`` from the annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            base = next(a for a in args if a is not type(None))
+            out[name] = (base, type(None) in args)
+        else:
+            out[name] = (hint, False)
+    return out
+
+
+FIELD_TYPES = _types()
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return kind.get(type(value), f"a {type(value).__name__}")
+
+
+def check_value(name: str, value: Any, style: str = "flag") -> Any:
+    """``value`` for option ``name`` (ints accepted for floats), or a ``CLIError`` naming it."""
+    label = f"--{name.replace('_', '-')}" if style == "flag" else repr(name)
+    base, nullable = FIELD_TYPES[name]
+    if value is None and nullable:
+        return None
+    valid_type = (
+        isinstance(value, base) and not (base is int and isinstance(value, bool))
+        if base is not float
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
+    if not valid_type:
+        null = " or null" if nullable else ""
+        raise CLIError(f"{label}={value!r} is {_describe(value)}; it must be {_KIND[base]}{null}")
+    if base is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise CLIError(f"{label}={value!r} is not a finite number")
+    check = next(f for f in fields(TrainConfig) if f.name == name).metadata["check"]
+    problem = check(label, value) if check else None
+    if problem:
+        raise CLIError(problem)
+    return value
+
+
+def check_values(values: dict[str, Any], where: str, style: str = "key") -> dict[str, Any]:
+    """Every key known and every value valid; ``where`` names the source in errors."""
+    if not isinstance(values, dict):
+        raise CLIError(
+            f"{where} must hold a table of settings (a JSON object or TOML table), not {_describe(values)}"
+        )
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise CLIError(f"{where}: unknown settings {unknown}; valid: {', '.join(sorted(FIELDS))}")
+    checked = {}
+    for key, value in values.items():
+        try:
+            checked[key] = check_value(key, value, style)
+        except CLIError as err:
+            raise CLIError(f"{where}: {err}") from None
+    return checked
+
+
+def config_from_dict(values: dict[str, Any], where: str) -> TrainConfig:
+    """A ``TrainConfig`` from saved values (config.json, a checkpoint), every value checked."""
+    return TrainConfig(**check_values(values, where))
 
 
 def load_toml(file: Path) -> dict[str, Any]:
@@ -113,33 +266,31 @@ def load_toml(file: Path) -> dict[str, Any]:
         return tomllib.loads(file.read_text())
     except tomllib.TOMLDecodeError as err:
         raise CLIError(f"{file} is not valid TOML ({err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"{file} cannot be read ({err})") from None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise CLIError(f"config file {path} does not exist")
-    try:
-        if file.suffix == ".toml":
-            values = load_toml(file)
-        else:
+    if file.suffix == ".toml":
+        values = load_toml(file)
+    else:
+        try:
             values = json.loads(file.read_text())
-    except Exception as err:
-        raise CLIError(f"config file {path} cannot be parsed ({err}); use JSON or TOML") from None
-    unknown = sorted(set(values) - FIELDS)
-    if unknown:
-        raise CLIError(f"config file {path}: unknown keys {unknown}; valid keys: {', '.join(sorted(FIELDS))}")
-    return {key.replace("-", "_"): value for key, value in values.items()}
+        except (ValueError, OSError) as err:
+            raise CLIError(f"config file {path} cannot be parsed ({err}); use JSON or TOML") from None
+    return check_values(values, f"config file {path}")
 
 
-def build_config(preset: str | None, file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
-    """preset < config file < flags (flags given as ``None`` are not set)."""
-    name = flag_values.get("preset") or file_values.get("preset") or "cifar100"
-    if name not in PRESETS:
-        raise CLIError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    values: dict[str, Any] = {"preset": name, **PRESETS[name], **file_values}
-    values.update({k: v for k, v in flag_values.items() if v is not None})
-    return TrainConfig(**{k: v for k, v in values.items() if k in FIELDS}).check()
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
+    """preset < config file < flags (flags given as ``None`` are not set); every value checked."""
+    flag_values = {k: v for k, v in flag_values.items() if v is not None}
+    name = flag_values.get("preset") or file_values.get("preset") or TrainConfig.preset
+    check_value("preset", name)
+    values: dict[str, Any] = {"preset": name, **PRESETS[name], **file_values, **flag_values}
+    return TrainConfig(**{key: check_value(key, value) for key, value in values.items()})
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

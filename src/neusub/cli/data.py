@@ -50,6 +50,36 @@ class DataInfo:
     kind: str  # "image" or "features"
 
 
+def info_from_dict(values: object, where: str) -> DataInfo:
+    """A ``DataInfo`` from a checkpoint, its values checked (a crafted file cannot ask for absurd sizes)."""
+    try:
+        num_classes, in_chans, shape, kind = (
+            values[k] for k in ("num_classes", "in_chans", "input_shape", "kind")
+        )
+        shape = tuple(shape)
+    except (KeyError, TypeError) as err:
+        raise CLIError(f"{where} is malformed ({err!r}); use a file written by `neusub train`") from None
+    sizes = [num_classes, in_chans, *shape]
+    integers = all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
+    if (
+        kind not in ("image", "features")
+        or not 1 <= len(shape) <= 3
+        or not integers
+        or not 1 <= num_classes <= 1_000_000
+        or not all(1 <= v <= 65_536 for v in sizes[1:])
+    ):
+        raise CLIError(
+            f"{where} describes impossible data ({values!r}); use a file written by `neusub train`"
+        )
+    return DataInfo(num_classes, in_chans, shape, kind)
+
+
+def _unusable(dataset: str, path: str, detail: str) -> CLIError:
+    return CLIError(
+        f"dataset {dataset!r} at {path} cannot be used ({detail}); expected layout: {LAYOUTS[dataset]}"
+    )
+
+
 def _missing(dataset: str, path: str | None, detail: str = "") -> CLIError:
     where = f" at {path}" if path else ""
     return CLIError(f"dataset {dataset!r} not found{where}{detail}; expected layout: {LAYOUTS[dataset]}")
@@ -113,31 +143,60 @@ def _image_transforms(dataset: str, preset: dict, train: bool):
     )  # fmt: skip
 
 
+def _load_split(root: Path, split: str, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features, labels)`` of one split from ``split.pt`` or the ``.npy`` pair (no pickles)."""
+    pt, feats, labels = root / f"{split}.pt", root / f"{split}_features.npy", root / f"{split}_labels.npy"
+    try:
+        if pt.is_file():
+            obj = torch.load(pt, map_location="cpu", weights_only=True)
+            x, y = torch.as_tensor(obj["features"]), torch.as_tensor(obj["labels"])
+        elif feats.is_file() and labels.is_file():
+            x = torch.from_numpy(np.load(feats, allow_pickle=False))
+            y = torch.from_numpy(np.load(labels, allow_pickle=False))
+        else:
+            raise _missing("features", path)
+    except CLIError:
+        raise
+    except Exception as err:  # unreadable, a pickle, missing keys, not numbers
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise _unusable("features", path, f"{split}: {reason}") from None
+    if not (x.is_floating_point() or x.dtype in _INT_DTYPES) or y.dtype not in _INT_DTYPES:
+        raise _unusable("features", path, f"{split}: features must be numbers and labels integers")
+    if len(x) == 0:
+        raise _unusable("features", path, f"{split} holds no samples")
+    if y.dim() != 1 or len(x) != len(y):
+        raise _unusable("features", path, f"{split}: {len(x)} features but labels of shape {tuple(y.shape)}")
+    if int(y.min()) < 0:
+        raise _unusable("features", path, f"{split}: labels must be class indices >= 0, not {int(y.min())}")
+    if not bool(torch.isfinite(x.float()).all()):
+        raise _unusable("features", path, f"{split}: features hold NaN or inf")
+    return x.float(), y.long()
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _load_features(path: str | None) -> tuple[Dataset, Dataset, DataInfo]:
     if not path:
         raise _missing("features", None, " (pass --data)")
     root = Path(path)
-    pairs = []
-    for split in ("train", "val"):
-        pt, feats, labels = root / f"{split}.pt", root / f"{split}_features.npy", root / f"{split}_labels.npy"
-        if pt.is_file():
-            try:
-                obj = torch.load(pt, map_location="cpu", weights_only=True)
-                pairs.append(
-                    (torch.as_tensor(obj["features"]).float(), torch.as_tensor(obj["labels"]).long())
-                )
-            except Exception:
-                raise _missing("features", str(pt), " (unreadable or missing 'features'/'labels')") from None
-        elif feats.is_file() and labels.is_file():
-            pairs.append((torch.from_numpy(np.load(feats)).float(), torch.from_numpy(np.load(labels)).long()))
-        else:
-            raise _missing("features", path)
-    (xt, yt), (xv, yv) = pairs
-    if xt.shape[1:] != xv.shape[1:] or len(xt) != len(yt) or len(xv) != len(yv) or xt.dim() not in (2, 3):
+    (xt, yt), (xv, yv) = (_load_split(root, split, path) for split in ("train", "val"))
+    if xt.shape[1:] != xv.shape[1:] or xt.dim() not in (2, 3):
         raise _missing("features", path, f" (inconsistent shapes {tuple(xt.shape)}, {tuple(xv.shape)})")
     num_classes = int(max(yt.max(), yv.max())) + 1
     info = DataInfo(num_classes, xt.shape[-1], tuple(xt.shape[1:]), "features")
     return TensorDataset(xt, yt), TensorDataset(xv, yv), info
+
+
+def read_image(path: str):
+    """ImageFolder's loader, with the file named when an image cannot be read."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for broken files
+        raise CLIError(f"image {path} cannot be read ({err}); remove or replace it") from None
 
 
 def load_dataset(
@@ -166,8 +225,14 @@ def load_dataset(
     else:
         if not path or not (Path(path) / "train").is_dir() or not (Path(path) / "val").is_dir():
             raise _missing(dataset, path)
-        train_set = datasets.ImageFolder(str(Path(path) / "train"), _image_transforms(dataset, preset, True))
-        val_set = datasets.ImageFolder(str(Path(path) / "val"), _image_transforms(dataset, preset, False))
+        try:
+            train_set, val_set = (
+                datasets.ImageFolder(str(Path(path) / split), _image_transforms(dataset, preset, train),
+                                     loader=read_image)
+                for split, train in (("train", True), ("val", False))
+            )  # fmt: skip
+        except (FileNotFoundError, OSError) as err:  # a class folder without images, unreadable folders
+            raise _missing(dataset, path, f" ({str(err).splitlines()[0][:160]})") from None
         size = preset.get("img_size", 224)
         return train_set, val_set, DataInfo(len(train_set.classes), 3, (3, size, size), "image")
     try:
@@ -175,6 +240,10 @@ def load_dataset(
         val_set = make(**kwargs(False), transform=_image_transforms(dataset, preset, False))
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise _missing(dataset, str(path), f" ({err})") from None
+    except (OSError, ValueError) as err:  # --download without network (URLError is an OSError), bad files
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        action = "download failed" if download else "cannot be read"
+        raise _missing(dataset, str(path), f" ({action}: {reason})") from None
     return train_set, val_set, info
 
 

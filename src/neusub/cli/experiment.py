@@ -26,14 +26,18 @@ connectivity / stochastic / guided / neural drop, columns those (as the paper's 
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import itertools
 import json
 import os
-import shutil
+import signal
 import statistics
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -42,9 +46,9 @@ import torch
 
 from .analyze import run_label
 from .checkpoint import atomic_save_json, atomic_write
-from .config import FIELDS, TrainConfig, build_config, config_dict, load_toml
-from .data import DATASETS
-from .errors import CLIError
+from .config import FIELDS, build_config, check_values, config_dict, load_toml
+from .errors import CLIError, Stopped, stop_code
+from .runfolder import CHECKPOINTED, STARTED, RunFolder, describe_os_error
 
 # Fields that make the columns of the tables (how layers are connected); the rest make rows.
 COLUMN_FIELDS = ("connectivity", "stochastic", "neural_drop", "guided")
@@ -55,46 +59,85 @@ METRICS = {
 }
 
 
-def _check_keys(values: dict, where: str) -> None:
-    unknown = sorted(set(values) - RUN_FIELDS)
-    if unknown:
-        raise CLIError(f"{where}: unknown settings {unknown}; valid: {', '.join(sorted(RUN_FIELDS))}")
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CLIError(f"{where} must be a table of settings, not {value!r}")
+    return value
+
+
+def _tables(value: Any, where: str) -> list[dict[str, Any]]:
+    """``[[where]]`` tables (a single ``[where]`` table is one of them)."""
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        raise CLIError(f"[[{where}]] must be tables, not {value!r}")
+    return [_table(item, f"[[{where}]] #{i + 1}") for i, item in enumerate(items)]
+
+
+def _settings(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Run settings checked like ``neusub train`` checks them (``out`` and ``resume`` are the grid's)."""
+    extra = sorted(set(values) & {"out", "resume"})
+    if extra:
+        raise CLIError(f"{where}: {extra} are set by the experiment itself; remove them")
+    return check_values(values, where)
+
+
+def run_name(settings: dict[str, Any]) -> str:
+    """``key=value_key=value`` of a run's axis settings (its folder under ``DIR/runs``)."""
+    return "_".join(f"{k}={v}" for k, v in settings.items()).replace("/", "-").replace(" ", "")
 
 
 def expand_grid(spec: dict[str, Any]) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
     """``([(run name, settings)], axis fields)`` of a parsed GRID.toml, in grid order, no duplicates."""
-    base = spec.get("base", {})
-    _check_keys(base, "[base]")
-    grids = spec.get("grid")
-    if isinstance(grids, dict):
-        grids = [grids]
-    if not grids:
-        raise CLIError("the grid file has no [grid] (or [[grid]]) table of axes")
-    excludes = spec.get("exclude", [])
     extra = sorted(set(spec) - {"base", "grid", "exclude"})
     if extra:
         raise CLIError(f"the grid file has unknown tables {extra}; use [base], [[grid]] and [[exclude]]")
+    base = _settings(_table(spec.get("base", {}), "[base]"), "[base]")
+    if "grid" not in spec:
+        raise CLIError("the grid file has no [grid] (or [[grid]]) table of axes")
+    grids = _tables(spec["grid"], "grid")
+    excludes = [
+        _settings(ex, f"[[exclude]] #{i + 1}")
+        for i, ex in enumerate(_tables(spec.get("exclude", []), "exclude"))
+    ]
     runs: dict[str, dict[str, Any]] = {}
     axis_fields: dict[str, None] = {}
     for index, grid in enumerate(grids):
+        where = f"[[grid]] #{index + 1}"
+        if not grid:
+            raise CLIError(f"{where} has no axes; give it lists of values, e.g. seed = [0, 1]")
         axes = []
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
-                raise CLIError(f"[[grid]] #{index + 1}: axis {key!r} must be a non-empty list")
+                raise CLIError(f"{where}: axis {key!r} must be a non-empty list")
             options = [v if isinstance(v, dict) else {key: v} for v in values]
             for option in options:
-                _check_keys(option, f"[[grid]] #{index + 1} axis {key!r}")
+                if not option:
+                    raise CLIError(f"{where}: axis {key!r} has an empty table; each value must set a field")
+                _settings(option, f"{where} axis {key!r}")
                 axis_fields.update(dict.fromkeys(option))
             axes.append(options)
         for combination in itertools.product(*axes):
             own: dict[str, Any] = {}
             for option in combination:
                 own.update(option)
-            if any(all(own.get(k, base.get(k)) == v for k, v in ex.items()) for ex in excludes):
+            settings = {**base, **own}
+            if any(all(settings.get(k) == v for k, v in ex.items()) for ex in excludes):
                 continue
-            name = "_".join(f"{k}={v}" for k, v in own.items()).replace("/", "-").replace(" ", "")
-            runs.setdefault(name, {**base, **own})
+            name = run_name(own)
+            if name in runs and runs[name] != settings:
+                raise CLIError(
+                    f"two runs of the grid would share the folder {name!r}: {_differ(runs[name], settings)}; "
+                    "make the values differ by more than spaces and slashes"
+                )
+            runs.setdefault(name, settings)
+    if not runs:
+        raise CLIError("the grid yields no run (every combination is excluded); check [[exclude]]")
     return list(runs.items()), list(axis_fields)
+
+
+def _differ(first: dict[str, Any], second: dict[str, Any]) -> str:
+    keys = [k for k in {**first, **second} if first.get(k) != second.get(k)]
+    return ", ".join(f"{k}={first.get(k)!r} vs {second.get(k)!r}" for k in keys)
 
 
 def _settings_key(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -102,11 +145,14 @@ def _settings_key(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prepare(run_dir: Path, cfg: dict[str, Any]) -> str:
-    """``done`` / ``resume`` / ``new`` for a run folder; refuses one made with other settings."""
-    result = run_dir / "result.json"
-    saved = run_dir / "config.json"
-    if saved.exists():
-        old = _settings_key(json.loads(saved.read_text()))
+    """``done`` / ``resume`` / ``new`` for a run folder; refuses one made with other settings.
+
+    A run stopped before its first checkpoint is resumed too: ``neusub train --resume`` starts it
+    again in place. Nothing is deleted here."""
+    folder = RunFolder(run_dir)
+    status = folder.status()
+    if status in (STARTED, CHECKPOINTED):
+        old = _settings_key(folder.saved_config())
         new = _settings_key(cfg)
         changed = {k: (old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)}
         if changed:
@@ -114,17 +160,13 @@ def _prepare(run_dir: Path, cfg: dict[str, Any]) -> str:
                 f"run {run_dir} was made with other settings ({changed}: saved, now); "
                 "use another --out, or remove that run folder to redo it"
             )
-    if result.exists():
-        return "done"
-    if (run_dir / "last.pt").exists():
-        return "resume"
-    if run_dir.exists():  # started but stopped before its first checkpoint: nothing to keep
-        shutil.rmtree(run_dir)
+        return "done" if (run_dir / "result.json").is_file() else "resume"
     return "new"
 
 
-def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> dict:
-    """Train (or resume) one run, evaluate its deployed network, write ``result.json``."""
+def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> tuple[dict, str]:
+    """Train (or resume) one run, evaluate its deployed network, write ``result.json``;
+    ``(result, "done" | "resume" | "new")`` (done: finished before, skipped)."""
     from ..analysis import accuracy
     from .analyze import val_batches
     from .commands import cmd_train, load_run_model
@@ -133,7 +175,7 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
     path = Path(run_dir)
     state = _prepare(path, settings)
     if state == "done":
-        return json.loads((path / "result.json").read_text())
+        return json.loads((path / "result.json").read_text()), state
     start = time.perf_counter()
     flags = {**settings, "out": str(path), "resume": state == "resume"}
     record = cmd_train({k: v for k, v in flags.items() if k in FIELDS}, None, progress=False)
@@ -155,7 +197,7 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
         "resumed": state == "resume",
     }
     atomic_save_json(result, path / "result.json")
-    return result
+    return result, state
 
 
 # ---------------------------------------------------------------------- tables
@@ -239,56 +281,100 @@ def write_csv(results: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------- command
 
 
-def _check_names(cfg: TrainConfig) -> None:
-    """Model, recipe, connectivity, activation and dataset names, without building anything."""
-    from ..models import LayerFactory, list_models
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a worker ends when the experiment process ends, even when that is
+    killed (SIGKILL), instead of training on unsupervised into the run folders."""
+    if sys.platform.startswith("linux"):  # the kernel signals us when the parent dies
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
 
-    if cfg.model not in list_models():
-        raise CLIError(f"unknown model {cfg.model!r}; choose one of {', '.join(list_models())}")
-    if cfg.dataset not in DATASETS:
-        raise CLIError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
-    try:
-        LayerFactory(cfg.recipe or "nsnet", cfg.connectivity, cfg.stochastic, cfg.neural_drop, cfg.act)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
+    def watch() -> None:  # elsewhere (and as a fallback): notice being re-parented
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _claim_experiment_folder(out_dir: Path) -> RunFolder:
+    """The experiment folder: new, empty, or one this command made (it holds ``runs/``)."""
+    folder = RunFolder(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--out {out_dir} is a file; choose a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "runs").is_dir():
+        raise CLIError(
+            f"--out {out_dir} is a folder that is not empty and holds no experiment (no runs/); "
+            "nothing was written there — choose a new or empty folder"
+        )
+    folder.create()
+    return folder
 
 
 def cmd_experiment(grid_file: str, out: str, jobs: int = 1, progress: bool = True) -> dict:
     file = Path(grid_file)
     if not file.is_file():
         raise CLIError(f"grid file {grid_file} does not exist")
-    spec = load_toml(file)
-    runs, axes = expand_grid(spec)
-    for _, settings in runs:  # every run's settings must be valid before anything starts
-        _check_names(build_config(settings.get("preset"), settings, {}))
+    runs, axes = expand_grid(load_toml(file))
+    for name, settings in runs:  # every run's settings must be valid before anything starts
+        try:
+            build_config(settings, {})
+        except CLIError as err:
+            raise CLIError(f"run {name}: {err}") from None
     if jobs < 1:
         raise CLIError(f"--jobs={jobs} is out of range; use an integer >= 1")
+    if not out.strip():
+        raise CLIError("--out is empty; give the experiment folder")
     out_dir = Path(out)
-    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    folder = _claim_experiment_folder(out_dir)
+    with folder.locked("experiment folder"):
+        try:
+            (out_dir / "runs").mkdir(exist_ok=True)
+        except OSError as err:
+            raise CLIError(describe_os_error(err, f"create {out_dir / 'runs'}")) from None
+        return _run_grid(file, out_dir, runs, axes, jobs, progress)
+
+
+def _run_grid(file: Path, out_dir: Path, runs: list, axes: list[str], jobs: int, progress: bool) -> dict:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     results: list[dict] = []
     start = time.perf_counter()
 
-    def report(result: dict, done: int) -> None:
+    def report(outcome: tuple[dict, str], done: int) -> None:
+        result, state = outcome
         results.append(result)
         if progress:
             elapsed = time.perf_counter() - start
             accuracy = 100 * result["val_acc_deployed"]
+            how = "finished earlier, skipped" if state == "done" else f"{result['train_seconds']:.0f} s"
             print(
                 f"[{done}/{len(runs)}] {result['name']}: deployed {accuracy:.2f}% "
-                f"({result['train_seconds']:.0f} s; {elapsed / 60:.1f} min so far)",
+                f"({how}; {elapsed / 60:.1f} min so far)",
                 flush=True,
             )
 
     tasks = [(name, settings, str(out_dir / "runs" / name), threads) for name, settings in runs]
-    if jobs == 1:
-        for i, task in enumerate(tasks):
-            report(run_one(*task), i + 1)
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, *task) for task in tasks]
-            for i, future in enumerate(futures):
-                report(future.result(), i + 1)
+    try:
+        if jobs == 1:
+            for i, task in enumerate(tasks):
+                report(run_one(*task), i + 1)
+        else:
+            context = get_context("spawn")
+            with ProcessPoolExecutor(jobs, context, _die_with_parent, (os.getpid(),)) as pool:
+                futures = [pool.submit(run_one, *task) for task in tasks]
+                for i, future in enumerate(futures):
+                    report(future.result(), i + 1)
+    except BrokenProcessPool as err:
+        raise CLIError(
+            f"a worker process died ({err}); finished runs are kept: run the same command again to resume"
+        ) from None
+    except (KeyboardInterrupt, Stopped) as stop:
+        code = stop.exit_code if isinstance(stop, Stopped) else stop_code(stop)
+        raise Stopped(
+            f"experiment stopped; {len(results)} of {len(runs)} runs are finished and every run keeps its "
+            "last checkpoint: run the same command again to resume",
+            code,
+        ) from None
     write_csv(results, out_dir / "results.csv")
     text = f"# Experiment `{file.name}`\n\n{len(results)} runs.\n\n" + tables(results, axes)
     atomic_write(out_dir / "tables.md", lambda handle: handle.write(text.encode()))

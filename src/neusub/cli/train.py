@@ -9,6 +9,7 @@ to an uninterrupted run (CPU, same thread count).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,11 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import create_model, deploy
-from .checkpoint import FORMAT, atomic_save, rng_state, safe_load, set_rng_state
+from .checkpoint import FORMAT, atomic_save, atomic_write, finite_json, rng_state, safe_load, set_rng_state
 from .config import TrainConfig, config_dict
 from .data import DataInfo, SeededBatches, load_dataset, take_subset
 from .errors import CLIError
+from .runfolder import METRICS
 
+CHECKPOINT_KEYS = ("format", "config", "info", "epoch", "step", "global_step", "totals", "metric_lines",
+                   "model", "optimizer", "scheduler", "scaler", "ema", "rng")  # fmt: skip
 MODEL_FIELDS = ("model", "recipe", "connectivity", "act", "guided", "width_mult", "stem", "dataset")
 
 
@@ -73,6 +77,42 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
         return create_model(cfg.model, **kwargs)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    except (RuntimeError, MemoryError, OverflowError) as err:  # allocation of absurd sizes
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise CLIError(
+            f"model {cfg.model!r} at --width-mult={cfg.width_mult} with {info.num_classes} classes cannot be "
+            f"built ({reason}); use a smaller --width-mult"
+        ) from None
+
+
+def load_state(model: nn.Module, state: object, where: str) -> None:
+    """``model.load_state_dict(state)``, or a ``CLIError`` that says which keys do not fit."""
+    if not isinstance(state, dict):
+        raise CLIError(f"{where} holds no state dict; use a file written by `neusub train` / `neusub deploy`")
+    own = model.state_dict()
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} instead of {tuple(own[k].shape)}"
+        for k in own
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+    ]
+    kinds = {"missing": missing, "unexpected": unexpected, "of another shape": reshaped}
+    parts = [f"{len(keys)} {what} ({few(keys)})" for what, keys in kinds.items() if keys]
+    if not parts:
+        try:
+            model.load_state_dict(state)
+            return
+        except (RuntimeError, TypeError, ValueError) as err:
+            parts = [str(err).strip().splitlines()[-1][:160]]
+    raise CLIError(
+        f"{where} does not fit the model its config describes: keys {'; '.join(parts)}; "
+        "it was made with other settings (another recipe or model?) or changed after it was written"
+    )
 
 
 def info_dict(info: DataInfo) -> dict:
@@ -104,6 +144,11 @@ class Trainer:
         )
         self.train_set = take_subset(self.train_set, cfg.train_samples)
         self.val_set = take_subset(self.val_set, cfg.val_samples)
+        if len(self.train_set) < 2 * self.env.world or len(self.val_set) == 0:
+            raise CLIError(
+                f"dataset {cfg.dataset!r} gives {len(self.train_set)} training and {len(self.val_set)} "
+                f"validation samples; training needs at least 2 per process (BatchNorm) and validation 1"
+            )
         self.batches = SeededBatches(self.train_set, cfg.batch_size, cfg.seed, self.env.rank, self.env.world)
         self.steps_per_epoch = self.batches.set_epoch(0)
         if self.steps_per_epoch == 0:
@@ -154,6 +199,7 @@ class Trainer:
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.totals = {"loss": 0.0, "correct": 0, "count": 0}
         self.metric_lines = 0
+        self.saved_step: int | None = None  # the global step of the last checkpoint written
 
     # ------------------------------------------------------------------ state
 
@@ -176,15 +222,40 @@ class Trainer:
         }
 
     def save(self) -> None:
+        self.check_finite()
         self._sync_buffers()
         if self.env.main:
             atomic_save(self.state(), self.run_dir / "last.pt")
+        self.saved_step = self.global_step
         if self.env.world > 1:
             dist.barrier()
 
+    def kept(self) -> str:
+        """What a stopped run keeps, for messages."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet (`neusub train --resume` starts the run again)"
+        return f"the checkpoint of step {self.saved_step} is kept"
+
+    def check_finite(self) -> None:
+        """Refuse to go on (or save) with NaN / inf weights: the last good checkpoint stays."""
+        for name, tensor in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CLIError(
+                    f"the weights became non-finite (NaN or inf in {name}) by step {self.global_step}; "
+                    f"{self.kept()}; lower --lr (or disable --amp) and start a new run"
+                )
+
     def load(self, path: Path) -> None:
         ckpt = safe_load(path)
+        missing = sorted(set(CHECKPOINT_KEYS) - set(ckpt))
+        if missing:
+            raise CLIError(
+                f"checkpoint {path} lacks {missing}; it was not written by `neusub train` (or was changed); "
+                "start a new run"
+            )
         saved = ckpt["config"]
+        if not isinstance(saved, dict):
+            raise CLIError(f"checkpoint {path} holds no config; start a new run")
         for key in MODEL_FIELDS:
             was = saved.get(key, getattr(TrainConfig, key))  # a field newer than the checkpoint: its default
             if was != getattr(self.cfg, key):
@@ -193,25 +264,30 @@ class Trainer:
                     f"not {getattr(self.cfg, key)!r}; "
                     "resume with the run's own settings (omit the flag) or start a new --out folder"
                 )
+        load_state(self.model, ckpt["model"], f"checkpoint {path}")
         try:
-            self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).splitlines()[0][:160]
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            if self.ema is not None and ckpt["ema"] is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            counters = [ckpt[k] for k in ("epoch", "step", "global_step", "metric_lines")]
+            if not all(isinstance(c, int) and c >= 0 for c in counters):
+                raise ValueError(f"bad counters {counters}")
+            totals = {k: ckpt["totals"][k] for k in ("loss", "correct", "count")}
+            set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
             raise CLIError(
-                f"checkpoint {path} does not fit this model ({first}); was it made with other settings?"
+                f"checkpoint {path} is malformed ({first}); it was not written by this version of "
+                "`neusub train` (or was changed); start a new run"
             ) from None
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        self.epoch, self.step, self.global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
-        self.totals, self.metric_lines = ckpt["totals"], ckpt["metric_lines"]
-        set_rng_state(ckpt["rng"])
-        metrics = self.run_dir / "metrics.jsonl"
+        self.epoch, self.step, self.global_step, self.metric_lines = counters
+        self.totals, self.saved_step = totals, self.global_step
+        metrics = self.run_dir / METRICS
         if self.env.main and metrics.exists():  # drop lines logged after the checkpoint
             lines = metrics.read_text().splitlines(keepends=True)[: self.metric_lines]
-            metrics.write_text("".join(lines))
+            atomic_write(metrics, lambda handle: handle.write("".join(lines).encode()))
 
     def _sync_buffers(self) -> None:
         """BN running statistics from rank 0, so every rank holds the same model."""
@@ -221,8 +297,8 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if self.env.main:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with open(self.run_dir / METRICS, "a") as handle:
+                handle.write(finite_json(record) + "\n")
         self.metric_lines += 1
 
     # ------------------------------------------------------------------ loop
@@ -244,7 +320,8 @@ class Trainer:
             loss = self.loss_fn(logits, target)
         if not math.isfinite(loss.item()):
             raise CLIError(
-                f"loss became {loss.item()} at step {self.global_step}; lower --lr or disable --amp"
+                f"the loss became {loss.item()} at step {self.global_step}; {self.kept()}; "
+                "lower --lr (or disable --amp) and start a new run"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -309,6 +386,7 @@ class Trainer:
                     self.save()
                 if stop_after is not None and self.global_step >= stop_after:
                     return {}
+            self.check_finite()
             self._sync_buffers()
             record = {
                 "epoch": self.epoch + 1,
@@ -343,9 +421,14 @@ def write_plot(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    records = [r for r in records if "epoch" in r]
+    records = []
+    for line in (run_dir / METRICS).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            records.append({k: float("nan") if v is None else v for k, v in record.items()})
     if not records:
         return None
     epochs = [r["epoch"] for r in records]

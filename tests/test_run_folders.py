@@ -1,0 +1,492 @@
+"""Run folders that never lose work: refused commands change nothing, stuck runs restart, one
+writer per folder, foreign folders are left alone, and bad input is a one-line error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import neusub
+from neusub.cli import main
+from neusub.cli.checkpoint import finite_json
+from neusub.cli.config import load_toml
+from neusub.cli.runfolder import RunFolder
+
+TINY = [
+    "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.0625", "--stem", "cifar",
+    "--recipe", "repvgg", "--connectivity", "ns", "--stochastic", "1.0", "--train-samples", "256",
+    "--val-samples", "64", "--batch-size", "64", "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "0",
+    "--quiet",
+]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def fails(capsys, args: list[str], *matches: str, code: int = 2) -> str:
+    assert main([str(a) for a in args]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neusub:") and "\n" not in err and "Traceback" not in err, err
+    for match in matches:
+        assert match.lower() in err.lower(), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(run, target)
+    return target
+
+
+# ---------------------------------------------------------------------- refused commands
+
+
+@pytest.mark.parametrize(
+    "args, matches",
+    [
+        (["train", *TINY, "--epochs", "1"], ["already holds a run", "--resume"]),
+        (["train", "--resume", "--epochs", "2", "--seed", "5"], ["epochs=2", "seed=5", "cannot change"]),
+        (["train", "--resume", "--opt", "adamx"], ["unknown opt 'adamx'"]),
+        (["train", "--resume", "--recipe", "dbb"], ["recipe='dbb'", "cannot change"]),
+    ],
+)
+def test_refused_train_leaves_the_run_byte_identical(run: Path, capsys, args, matches):
+    before = digest(run)
+    fails(capsys, [*args, "--out", run], *matches)
+    assert digest(run) == before
+
+
+def test_refused_outputs_leave_the_run_byte_identical(run: Path, capsys):
+    before = digest(run)
+    fails(capsys, ["deploy", run, run / "deployed.pt"], "already exists")
+    fails(capsys, ["export", run, "--format", "torchscript", "--out", run / "config.json"], "already exists")
+    fails(capsys, ["analyze", run, "--what", "kernels", "--out", run / "config.json"], "is a file")
+    assert digest(run) == before
+
+
+def test_foreign_folder_is_never_written(tmp_path: Path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "deployed.pt").write_bytes(b"someone's model")
+    (folder / "metrics.jsonl").write_text("not ours\n")
+    before = digest(folder)
+    fails(
+        capsys, ["train", *TINY, "--epochs", "1", "--out", folder], "not a neusub run", "nothing was written"
+    )
+    fails(capsys, ["train", "--resume", "--out", folder], "not a neusub run")
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[base]\ndataset = "digits"\n[[grid]]\nseed = [0]\n')
+    fails(capsys, ["experiment", grid, "--out", folder], "holds no experiment", "nothing was written")
+    assert digest(folder) == before
+
+
+# ---------------------------------------------------------------------- one-line errors
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--opt", "adamx"], "unknown opt 'adamx'; choose one of"),
+        (["--seed", "-1"], "--seed=-1 is out of range"),
+        (["--seed", str(2**40)], f"--seed={2**40} is out of range"),
+        (["--label-smoothing", "1.0"], "--label-smoothing=1.0 is out of range; use a value in [0, 1)"),
+        (["--width-mult", "inf"], "--width-mult=inf is not a finite number"),
+        (["--width-mult", "1e6"], "--width-mult=1000000.0 is out of range"),
+        (["--lr", "nan"], "--lr=nan is not a finite number"),
+        (["--batch-size", "1"], "--batch-size=1 is out of range"),
+        (["--out", ""], "--out is empty"),
+    ],
+)
+def test_bad_values_are_one_line_errors(tmp_path: Path, capsys, args, match):
+    out = tmp_path / "run"
+    fails(capsys, ["train", *TINY, "--epochs", "1", "--out", out, *args], match)
+    assert not out.exists()
+
+
+def test_out_paths_that_cannot_be_made(tmp_path: Path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    fails(capsys, ["train", *TINY, "--epochs", "1", "--out", afile / "run"], "cannot create run folder")
+    fails(capsys, ["train", *TINY, "--epochs", "1", "--out", afile], "is a file")
+    fails(capsys, ["train", *TINY, "--epochs", "1", "--out", tmp_path / ("x" * 300)], "use a shorter name")
+    fails(capsys, ["train", *TINY, "--epochs", "1", "--out", "/proc/neusub-run"], "cannot create run folder")
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("null.json", "null", "must hold a table of settings"),
+        ("five.json", "5", "must hold a table of settings"),
+        ("list.json", "[[1, 2]]", "must hold a table of settings"),
+        ("lr.json", '{"lr": "0.1"}', "'lr'='0.1' is a string; it must be a number"),
+        ("seed.json", '{"seed": 0.5}', "'seed'=0.5 is a number; it must be an integer"),
+        ("amp.json", '{"amp": "false"}', "'amp'='false' is a string; it must be true or false"),
+        ("wd.json", '{"weight_decay": "x"}', "it must be a number"),
+        ("guided.json", '{"guided": "off"}', "'guided'='off' is a string; it must be true or false"),
+        ("date.toml", "lr = 1979-05-27", "'lr'=datetime.date(1979, 5, 27) is a date; it must be a number"),
+        ("key.json", '{"learning_rate": 0.1}', "unknown settings ['learning_rate']"),
+    ],
+)
+def test_config_files_of_the_wrong_shape_or_type(tmp_path: Path, capsys, name, text, match):
+    config = tmp_path / name
+    config.write_text(text)
+    fails(capsys, ["train", "--config", config, "--out", tmp_path / "run"], match, str(config))
+    assert not (tmp_path / "run").exists()
+
+
+def test_crafted_checkpoints(run: Path, tmp_path: Path, capsys):
+    original = torch.load(run / "last.pt", weights_only=True)
+
+    def crafted(name: str, change) -> Path:
+        ckpt = {**original}
+        change(ckpt)
+        target = tmp_path / name / "last.pt"
+        target.parent.mkdir()
+        torch.save(ckpt, target)
+        shutil.copy(run / "config.json", target.parent / "config.json")
+        return target
+
+    fails(capsys, ["eval", crafted("noconfig", lambda c: c.pop("config"))], "lacks 'config'")
+    fails(
+        capsys,
+        ["train", "--resume", "--out", crafted("norng", lambda c: c.pop("rng")).parent],
+        "lacks ['rng']",
+    )
+    wide = crafted("wide", lambda c: c.update(config={**c["config"], "width_mult": 1e6}))
+    fails(capsys, ["eval", wide], "width_mult'=1000000.0 is out of range")
+    huge = crafted("huge", lambda c: c.update(info={**c["info"], "num_classes": 10**12}))
+    fails(capsys, ["eval", huge], "impossible data")
+    other = crafted("other", lambda c: c.update(config={**c["config"], "recipe": "dbb"}))
+    fails(capsys, ["eval", other], "does not fit the model", "missing", "layer1.0.conv1.branches")
+    state = crafted("state", lambda c: c.update(totals="x"))
+    fails(capsys, ["train", "--resume", "--out", state.parent], "malformed")
+
+
+def test_a_flipped_byte_is_detected(run: Path, tmp_path: Path, capsys):
+    damaged = tmp_path / "last.pt"
+    shutil.copy(run / "last.pt", damaged)
+    with zipfile.ZipFile(damaged) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(damaged.read_bytes())
+    start = member.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[start + 26 : start + 30])  # zip local file header
+    data[start + 30 + name_len + extra_len + member.file_size // 2] ^= 0x01  # inside the member's bytes
+    damaged.write_bytes(bytes(data))
+    fails(capsys, ["eval", damaged], "fails its checksum")
+
+
+def _write_images(root: Path, channels: int = 3, corrupt: bool = False) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (12, 12, channels), dtype=np.uint8)).save(
+                    folder / f"{i}.png"
+                )
+    if corrupt:
+        (root / "train" / "a" / "0.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def test_corrupt_image_names_the_file(tmp_path: Path, capsys):
+    images = _write_images(tmp_path / "images", corrupt=True)
+    args = ["--dataset", "imagefolder", "--data", images, "--img-size", "12", "--batch-size", "4"]
+    fails(capsys, ["train", *TINY, *args, "--epochs", "1", "--out", tmp_path / "run"], "0.png cannot be read")
+
+
+def test_eval_on_data_of_another_shape(run: Path, tmp_path: Path, capsys):
+    images = _write_images(tmp_path / "images")
+    fails(
+        capsys, ["eval", run, "--dataset", "imagefolder", "--data", images], "takes inputs of shape (1, 8, 8)"
+    )
+
+
+def _empty_split(folder: Path) -> None:
+    torch.save(
+        {"features": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}, folder / "train.pt"
+    )
+
+
+def _negative_labels(folder: Path) -> None:
+    torch.save(
+        {"features": torch.zeros(4, 4), "labels": -torch.ones(4, dtype=torch.long)}, folder / "train.pt"
+    )
+
+
+def _pickled_npy(folder: Path) -> None:
+    np.save(folder / "train_features.npy", np.array([{"a": 1}] * 4, dtype=object))
+    np.save(folder / "train_labels.npy", np.zeros(4, dtype=np.int64))
+
+
+@pytest.mark.parametrize(
+    "write, match",
+    [
+        (_empty_split, "holds no samples"),
+        (_negative_labels, "labels must be class indices >= 0"),
+        (_pickled_npy, "allow_pickle=False"),
+    ],
+)
+def test_bad_feature_files(tmp_path: Path, capsys, write, match):
+    data = tmp_path / "feats"
+    data.mkdir()
+    torch.save({"features": torch.randn(8, 4), "labels": torch.arange(8) % 2}, data / "val.pt")
+    write(data)
+    args = ["train", "--model", "mlp_adapter", "--dataset", "features", "--data", data, "--epochs", "1"]
+    fails(capsys, [*args, "--out", tmp_path / "run", "--quiet"], match, "expected layout")
+
+
+def test_download_without_network(tmp_path: Path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    args = [
+        "train",
+        *TINY,
+        "--dataset",
+        "cifar10",
+        "--data",
+        tmp_path / "cifar",
+        "--download",
+        "--epochs",
+        "1",
+    ]
+    fails(capsys, [*args, "--out", tmp_path / "run"], "download failed", "name resolution")
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------- interrupted runs
+
+
+def _interrupt_at(monkeypatch, step: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+    from neusub.cli.train import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, x, y):
+        if self.global_step == step:
+            raise error()
+        return original(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_ctrl_c_before_the_first_checkpoint_restarts_under_resume(
+    run: Path, tmp_path: Path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        err = fails(capsys, ["train", *TINY, "--epochs", "1", "--out", out], "stopped at step 2", code=130)
+    assert "no checkpoint was written yet" in err and f"--resume --out {out}" in err
+    assert (out / "config.json").is_file() and not (out / "last.pt").exists()
+    fails(capsys, ["train", *TINY, "--epochs", "1", "--out", out], "already holds a run", "--resume")
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    for key, value in torch.load(run / "last.pt", weights_only=True)["model"].items():  # as if never stopped
+        assert torch.equal(torch.load(out / "last.pt", weights_only=True)["model"][key], value), key
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_resume_cleans_temp_files_and_records_accepted_changes(tmp_path: Path, capsys, monkeypatch):
+    from neusub.cli.errors import Terminated
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3, Terminated)
+        fails(capsys, ["train", *TINY, "--epochs", "1", "--ckpt-steps", "2", "--out", out],
+              "stopped at step 3", "checkpoint of step 2 is kept", code=143)  # fmt: skip
+    leftover = out / ".last.pt.abcd.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    assert main(["train", "--resume", "--out", str(out), "--ckpt-steps", "3", "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert not leftover.exists() and "removed 1 temporary file" in err and "ckpt_steps 2 -> 3" in err
+    assert json.loads((out / "config.json").read_text())["ckpt_steps"] == 3
+    assert oct((out / "last.pt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_second_writer_is_refused(tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunFolder(out).locked():  # another process would hold the same lock
+        fails(capsys, ["train", *TINY, "--epochs", "1", "--out", out], "in use by another neusub process")
+    assert not any(out.iterdir())
+
+
+def test_disk_full_keeps_the_last_checkpoint(tmp_path: Path, capsys, monkeypatch):
+    import tempfile
+
+    import neusub.cli.checkpoint as checkpoint
+
+    real = tempfile.mkstemp
+    saves = []
+
+    def mkstemp(prefix="", suffix="", dir=None):
+        if prefix.startswith(".last.pt."):
+            saves.append(prefix)
+            if len(saves) > 1:  # the second checkpoint meets a full disk
+                return os.open("/dev/full", os.O_WRONLY), str(Path(dir) / f"{prefix}full{suffix}")
+        return real(prefix=prefix, suffix=suffix, dir=dir)
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
+    out = tmp_path / "run"
+    fails(capsys, ["train", *TINY, "--epochs", "1", "--ckpt-steps", "2", "--out", out],
+          "the disk is full", "last.pt was left as it was")  # fmt: skip
+    assert torch.load(out / "last.pt", weights_only=True)["global_step"] == 2
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_diverging_run_stops_with_a_message_and_valid_json(tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    err = fails(capsys, ["train", *TINY, "--epochs", "1", "--lr", "1e30", "--ckpt-steps", "1", "--out", out])
+    assert "non-finite" in err or "the loss became" in err
+    if (out / "last.pt").exists():  # whatever was saved is the last good state
+        state = torch.load(out / "last.pt", weights_only=True)["model"]
+        assert all(torch.isfinite(t.float()).all() for t in state.values())
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+    assert json.loads(finite_json({"a": float("nan"), "b": [float("inf"), 1.0]})) == {
+        "a": None,
+        "b": [None, 1.0],
+    }
+
+
+def test_check_equivalence_refuses_non_finite_values():
+    layer = neusub.RepConv2d(2, 2, 3, recipe="repvgg")
+    with pytest.raises(ValueError, match="example_input holds NaN or inf"):
+        neusub.check_equivalence(layer, torch.full((1, 2, 5, 5), float("nan")))
+    with torch.no_grad():
+        layer.branches["kxk"].weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="output holds NaN or inf on a finite input"):
+        neusub.check_equivalence(layer, torch.randn(1, 2, 5, 5))
+
+
+def test_torch_requirement_excludes_the_weights_only_bypass():
+    project = load_toml(Path(__file__).parents[1] / "pyproject.toml")["project"]
+    torch_req = next(d for d in project["dependencies"] if d.startswith("torch>="))
+    assert tuple(int(v) for v in torch_req.split(">=")[1].split(".")[:2]) >= (2, 6)  # CVE-2025-32434
+
+
+# ---------------------------------------------------------------------- processes
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "neusub", *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_sigkill_before_the_first_checkpoint_then_resume(run: Path, tmp_path: Path):
+    out = tmp_path / "killed"
+    proc = _start(["train", *TINY, "--epochs", "1", "--ckpt-steps", "1000", "--out", out])
+    _wait_for(out / "config.json", proc)
+    proc.kill()
+    proc.wait()
+    assert not (out / "last.pt").exists(), "the run wrote its checkpoint before it could be killed"
+    command = [sys.executable, "-m", "neusub", "train", "--resume", "--out", str(out), "--quiet"]
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for key, value in torch.load(run / "last.pt", weights_only=True)["model"].items():
+        assert torch.equal(torch.load(out / "last.pt", weights_only=True)["model"][key], value), key
+
+
+def test_two_processes_one_run_folder(tmp_path: Path, capsys):
+    out = tmp_path / "shared"
+    first = _start(["train", *TINY, "--epochs", "30", "--ckpt-steps", "1000", "--out", out])
+    _wait_for(out / "config.json", first)
+    fails(capsys, ["train", "--resume", "--out", out], "in use by another neusub process")
+    fails(capsys, ["train", *TINY, "--epochs", "1", "--out", out], "already holds a run")
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 143, err[-2000:]
+    assert "neusub: stopped at step" in err and f"--resume --out {out}" in err and "Traceback" not in err
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_experiment_workers_die_with_their_parent(tmp_path: Path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        '[base]\nmodel = "resnet18"\nwidth_mult = 0.0625\nstem = "cifar"\ndataset = "digits"\n'
+        'epochs = 50\nbatch_size = 64\nopt = "adamw"\nwarmup_epochs = 0\nrecipe = "plain"\n'
+        "[[grid]]\nseed = [0, 1]\n"
+    )
+    out = tmp_path / "exp"
+    parent = _start(["experiment", grid, "--out", out, "--jobs", "2"])
+    for seed in (0, 1):
+        _wait_for(out / "runs" / f"seed={seed}" / "config.json", parent, timeout=180)
+    workers = [pid for pid in _children(parent.pid) if "spawn" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) >= 2, workers
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 15
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
+        assert time.time() < deadline, "experiment workers outlived their parent"
+        time.sleep(0.1)
+    before = digest(out)
+    time.sleep(1.5)
+    assert digest(out) == before  # nobody writes there any more
+
+
+def _state(pid: int) -> str:
+    try:
+        return {"Z": "zombie"}.get(
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0], "alive"
+        )
+    except OSError:
+        return "zombie"
