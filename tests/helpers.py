@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -24,3 +27,21 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
     assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
     actual, expected = actual.detach(), expected.detach()
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file below ``folder``: proof that nothing changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def cli_fails(capsys, args: list, *matches: str, code: int = 2) -> str:
+    """Run ``neusub ARGS`` in-process; assert one stderr line ``neusub: ...`` holding ``matches``."""
+    from neusub.cli import main
+
+    assert main([str(a) for a in args]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neusub:") and "\n" not in err and "Traceback" not in err, err
+    for match in matches:
+        assert match.lower() in err.lower(), err
+    return err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_fails as _fails
+from helpers import tree_digest
 
 from neusub.cli import main
 
@@ -35,11 +36,6 @@ def neusub(*args: str, check: bool = True, timeout: int = 300) -> subprocess.Com
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +155,6 @@ def test_ddp_two_cpu_processes_identical_and_resumable(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------- bad input
-
-
-def _fails(capsys, args: list[str], match: str) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("neusub: error:") and "\n" not in err, err
-    assert match.lower() in err.lower(), err
-    return err
 
 
 @pytest.mark.parametrize(

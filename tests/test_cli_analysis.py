@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from helpers import tree_digest
 
 from neusub.cli import main
 from neusub.cli.experiment import expand_grid
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
-
 
 GRID = """
 [base]

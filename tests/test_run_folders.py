@@ -3,7 +3,6 @@ writer per folder, foreign folders are left alone, and bad input is a one-line e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli_fails as fails
+from helpers import tree_digest
 
 import neusub
 from neusub.cli import main
@@ -32,20 +33,6 @@ TINY = [
     "--quiet",
 ]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
-
-
-def fails(capsys, args: list[str], *matches: str, code: int = 2) -> str:
-    assert main([str(a) for a in args]) == code
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("neusub:") and "\n" not in err and "Traceback" not in err, err
-    for match in matches:
-        assert match.lower() in err.lower(), err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +61,17 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     ],
 )
 def test_refused_train_leaves_the_run_byte_identical(run: Path, capsys, args, matches):
-    before = digest(run)
+    before = tree_digest(run)
     fails(capsys, [*args, "--out", run], *matches)
-    assert digest(run) == before
+    assert tree_digest(run) == before
 
 
 def test_refused_outputs_leave_the_run_byte_identical(run: Path, capsys):
-    before = digest(run)
+    before = tree_digest(run)
     fails(capsys, ["deploy", run, run / "deployed.pt"], "already exists")
     fails(capsys, ["export", run, "--format", "torchscript", "--out", run / "config.json"], "already exists")
     fails(capsys, ["analyze", run, "--what", "kernels", "--out", run / "config.json"], "is a file")
-    assert digest(run) == before
+    assert tree_digest(run) == before
 
 
 def test_foreign_folder_is_never_written(tmp_path: Path, capsys):
@@ -92,7 +79,7 @@ def test_foreign_folder_is_never_written(tmp_path: Path, capsys):
     folder.mkdir()
     (folder / "deployed.pt").write_bytes(b"someone's model")
     (folder / "metrics.jsonl").write_text("not ours\n")
-    before = digest(folder)
+    before = tree_digest(folder)
     fails(
         capsys, ["train", *TINY, "--epochs", "1", "--out", folder], "not a neusub run", "nothing was written"
     )
@@ -100,7 +87,7 @@ def test_foreign_folder_is_never_written(tmp_path: Path, capsys):
     grid = tmp_path / "grid.toml"
     grid.write_text('[base]\ndataset = "digits"\n[[grid]]\nseed = [0]\n')
     fails(capsys, ["experiment", grid, "--out", folder], "holds no experiment", "nothing was written")
-    assert digest(folder) == before
+    assert tree_digest(folder) == before
 
 
 # ---------------------------------------------------------------------- one-line errors
@@ -478,9 +465,9 @@ def test_experiment_workers_die_with_their_parent(tmp_path: Path):
     while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
         assert time.time() < deadline, "experiment workers outlived their parent"
         time.sleep(0.1)
-    before = digest(out)
+    before = tree_digest(out)
     time.sleep(1.5)
-    assert digest(out) == before  # nobody writes there any more
+    assert tree_digest(out) == before  # nobody writes there any more
 
 
 def _state(pid: int) -> str:
