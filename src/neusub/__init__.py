@@ -1,6 +1,7 @@
 """neusub: branch-level structural re-parameterization with Neural Substitution."""
 
 from . import export
+from .convert import convert
 from .deploy import check_equivalence, deploy
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear, set_recompute
 from .models import create_model, list_models
@@ -48,6 +49,7 @@ __all__ = [
     "StreamModule",
     "StreamSequential",
     "check_equivalence",
+    "convert",
     "create_model",
     "list_models",
     "deploy",

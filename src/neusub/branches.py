@@ -22,15 +22,18 @@ from .recipes import Branch, Geometry
 
 @dataclass
 class Moments:
-    """Channel statistics of a layer input over all streams, batch and positions."""
+    """Channel statistics of a layer input over all streams, batch and positions.
+
+    The covariance is kept per group of a grouped layer (only the diagonal blocks of the
+    full matrix ever enter a grouped composition): ``(G, C/G, C/G)``, ``G = 1`` when dense."""
 
     mean: Tensor  # (C,)
-    cov: Tensor  # (C, C), biased, from centred inputs
+    cov: Tensor  # (G, C/G, C/G), biased, from centred inputs
     count: int
 
 
 class _Covariance(torch.autograd.Function):
-    """Biased channel covariance of ``(N, C, L)`` from centred values (two-pass).
+    """Biased covariance of each group ``(G, c, L) → (G, c, c)`` from centred values (two-pass).
 
     Saves only the input (which the layer's conv keeps anyway) and the mean; the
     centred copy is recomputed in backward. The gradient is exact:
@@ -39,23 +42,24 @@ class _Covariance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        mean = x.mean((0, 2))
-        centred = x - mean[:, None]
+        mean = x.mean(2, keepdim=True)
+        centred = x - mean
         ctx.save_for_backward(x, mean)
-        return (centred @ centred.transpose(1, 2)).sum(0) / (x.shape[0] * x.shape[2])
+        return (centred @ centred.transpose(1, 2)) / x.shape[2]
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         x, mean = ctx.saved_tensors
-        sym = (grad + grad.T) / (x.shape[0] * x.shape[2])
-        return sym @ (x - mean[:, None])
+        sym = (grad + grad.transpose(1, 2)) / x.shape[2]
+        return sym @ (x - mean)
 
 
-def input_moments(x: Tensor) -> Moments:
-    """Moments of ``x``: ``(N, C, H, W)`` (best channels_last) or ``(N, C)`` (rows × features)."""
+def input_moments(x: Tensor, groups: int = 1) -> Moments:
+    """Moments of ``x``: ``(N, C, H, W)`` (best channels_last) or ``(N, C)`` (rows × features),
+    with the covariance of each of ``groups`` channel groups."""
     rows = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() > 2 else x  # a view for channels_last
-    flat = rows.T.unsqueeze(0)  # (1, C, rows)
-    return Moments(flat.mean((0, 2)), _Covariance.apply(flat), flat.shape[0] * flat.shape[2])
+    flat = rows.T.reshape(groups, x.shape[1] // groups, rows.shape[0])  # (G, C/G, rows)
+    return Moments(rows.mean(0), _Covariance.apply(flat), rows.shape[0])
 
 
 def _conv_weight(out_ch: int, in_per_group: int, kernel: tuple[int, int]) -> nn.Parameter:
@@ -113,9 +117,10 @@ class SequentialBranch(nn.Module):
         bn = self.bn1
         if moments is None or not uses_batch_stats(bn):
             return running_affine(bn)
-        w1 = fusion.grouped_to_dense(self.conv1, self.groups).flatten(1)  # (M, C_in), a view
-        mean = w1 @ moments.mean
-        var = ((w1 @ moments.cov) * w1).sum(1)
+        groups = moments.cov.shape[0]
+        w1 = self.conv1.reshape(groups, -1, self.conv1.shape[1])  # (G, M/G, C_in/G)
+        mean = (w1 @ moments.mean.reshape(groups, -1, 1)).flatten()
+        var = ((w1 @ moments.cov) * w1).sum(-1).flatten()  # diag(W₁ Σ W₁ᵀ), group by group
         if bn.training:
             update_running_stats(bn, mean, var, moments.count)
         return fusion.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)

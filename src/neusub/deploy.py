@@ -29,8 +29,13 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     No BatchNorm, branch or stream logic is left; it takes the ordinary tensor
     (the sum of the streams the training structure takes). A deep copy unless
-    ``inplace``; exact before any forward, idempotent, on any device and dtype.
+    ``inplace``; exact before any forward, idempotent, on any device and dtype. A model
+    made by :func:`neusub.convert` comes back as its input's class and module layout.
     """
+    if getattr(model, "neusub_conversion", None) is not None:  # made by neusub.convert
+        from .convert import deploy_converted
+
+        return deploy_converted(model)
     if not inplace:
         model = copy.deepcopy(model)
     with torch.no_grad():

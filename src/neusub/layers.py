@@ -9,6 +9,7 @@ partitioned into output streams by a small mixing matrix, without copies per pai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -27,10 +28,11 @@ from .branches import (
     running_affine,
     uses_batch_stats,
 )
+from .bundle import Bundle, active_probe, wrap
 from .partition import draw_mixing, partition_sum
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .recompute import recomputed_batch_norm
-from .streams import MAX_NAIVE_STREAMS, StreamModule, check_probability, check_streams
+from .streams import MAX_NAIVE_STREAMS, StreamModule, check_probability, check_streams, is_proxy
 
 CONNECTIVITIES = ("block", "ns", "naive")
 
@@ -40,6 +42,11 @@ def _pair(value: int | tuple[int, int], what: str) -> tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
         raise ValueError(f"{what}={value!r} must be an int or a pair of ints")
     return pair  # type: ignore[return-value]
+
+
+def _without_autocast(x: Tensor):
+    """Autocast off on ``x``'s device (the meta device of a convert probe has none)."""
+    return contextlib.nullcontext() if x.is_meta else torch.autocast(x.device.type, enabled=False)
 
 
 class _RepLayer(StreamModule):
@@ -80,6 +87,45 @@ class _RepLayer(StreamModule):
         """A tensor of the layer's dtype and device: kernels and moments are made like it."""
         tensors = itertools.chain(self.bn.parameters(), self.bn.buffers(), self.parameters())
         return next(t for t in tensors if t.is_floating_point())
+
+    # Set by neusub.convert: inputs and outputs are Bundles (plain tensors when one stream).
+    bundle_io: bool = False
+
+    def forward(self, *args: Tensor) -> Tensor:
+        if not self.bundle_io or self.deployed or is_proxy(args[0]):
+            return super().forward(*args)
+        return self._forward_bundle(args[0])
+
+    def _forward_bundle(self, x: Tensor) -> Tensor:
+        """A :class:`~neusub.bundle.Bundle` (or plain tensor) in, a bundle out (see ``bundle_io``).
+
+        In a probe of :func:`neusub.convert` the layer takes its static ``in_streams`` from
+        the input and records who reads its output."""
+        streams = x.streams if isinstance(x, Bundle) else x.unsqueeze(0)
+        probe = active_probe()
+        if probe is not None:
+            if probe.where() in probe.layer_outputs and streams.shape[0] != self.in_streams:
+                raise ValueError(
+                    f"{probe.where()} is called with {self.in_streams} and {streams.shape[0]} streams; a "
+                    "re-parameterized layer needs one static count: leave this shared module out of layers="
+                )
+            self.set_in_streams(streams.shape[0])
+            if streams.shape[0] == 1 and probe.derives_from_merge(x):
+                probe.starved.append(probe.where())
+        plain_shape = streams.shape[1:]
+        if isinstance(self, RepLinear) and streams.dim() > 4:  # (S, B, *mid, D) → (S, B, T, D)
+            streams = streams.reshape(streams.shape[0], streams.shape[1], -1, streams.shape[-1])
+        out = super().forward(streams[0] if self.connectivity == "block" else streams)
+        if self.connectivity == "block":
+            out = out.unsqueeze(0)
+        if isinstance(self, RepLinear):
+            out = out.reshape(out.shape[0], *plain_shape[:-1], out.shape[-1])
+        result = wrap(out)
+        if probe is not None:
+            probe.note(type(self).__name__, (x,), {}, result)
+            probe.layer_outputs[probe.where()] = result
+            probe.track(result)
+        return result
 
     @property
     def num_branches(self) -> int:
@@ -154,14 +200,14 @@ class _RepLayer(StreamModule):
         (by that BN's own mode: a frozen BN in a training network uses its running ones), else None."""
         if not any(getattr(b, "needs_moments", False) for b in self.branches.values()):
             return None
-        return input_moments(flat.to(self._like.dtype))
+        return input_moments(flat.to(self._like.dtype), self.geom.groups)
 
     def _run_branches(self, flat: Tensor, op) -> Tensor:
         """``op(flat, weight, bias)`` with every branch stacked, then the stacked BN."""
         bn = self.bn
         # Kernels and moments in the parameters' dtype even under autocast (AMP): they are
         # small, and composing them in bf16 would lose the exactness the fusion relies on.
-        with torch.autocast(flat.device.type, enabled=False):
+        with _without_autocast(flat):
             weight, bias = self.stacked_kernel(self._moments(flat), self._like)
         if self.recompute and bn.training and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d):
             return recomputed_batch_norm(lambda x, w: op(x, w, None), flat, weight, bias, bn)
@@ -302,7 +348,7 @@ class RepConv2d(_RepLayer):
     def _forward_block_groups(self, flat: Tensor, groups: dict[str, list[int]]) -> Tensor:
         """``(B, C_in, H, W)`` → ``(B, H', W', C_out)``: Σ over branches, each group its own conv."""
         g, bn = self.geom, self.bn
-        with torch.autocast(flat.device.type, enabled=False):  # as in _run_branches
+        with _without_autocast(flat):  # as in _run_branches
             moments = self._moments(flat)
             kernels = {
                 name: self.stacked_kernel(moments, self._like, which, (1, 1) if name != "kxk" else None)

@@ -21,6 +21,11 @@ from .fusion import bn_affine
 MAX_NAIVE_STREAMS = 4096
 
 
+def is_proxy(x: object) -> bool:
+    """Whether ``x`` is a torch.fx ``Proxy`` (symbolic tracing in progress)."""
+    return isinstance(x, torch.fx.Proxy)
+
+
 def check_streams(value: object, what: str = "in_streams") -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{what}={value!r} is invalid; use an integer >= 1")
@@ -58,6 +63,9 @@ class StreamModule(nn.Module):
     def forward(self, *args: Tensor) -> Tensor:
         if self.deployed:
             return self.plain(*args)
+        if is_proxy(args[0]):  # torch.fx traces a stream module as one leaf call
+            tracer = args[0].tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
         return self.forward_streams(*args)
 
     def forward_streams(self, *args: Tensor) -> Tensor:
@@ -107,15 +115,31 @@ _GATES = {
     "leaky_relu": lambda x, z, slope: torch.where(z > 0, x, x * slope),
     "silu": lambda x, z, slope: x * torch.sigmoid(z),
     "gelu": lambda x, z, slope: x * (0.5 * (1.0 + torch.erf(z * 0.7071067811865476))),
+    "gelu_tanh": lambda x, z, slope: (
+        x * (0.5 * (1.0 + torch.tanh(0.7978845608028654 * (z + 0.044715 * z**3))))
+    ),
     "hardswish": lambda x, z, slope: x * (F.relu6(z + 3.0) / 6.0),
+    "mish": lambda x, z, slope: x * torch.tanh(F.softplus(z)),
+    "relu6": lambda x, z, slope: _clamp_gate(x, z, 0.0, 6.0),
 }
 _PLAIN_ACTS = {
     "relu": lambda slope: nn.ReLU(),
     "leaky_relu": nn.LeakyReLU,
     "silu": lambda slope: nn.SiLU(),
     "gelu": lambda slope: nn.GELU(),
+    "gelu_tanh": lambda slope: nn.GELU(approximate="tanh"),
     "hardswish": lambda slope: nn.Hardswish(),
+    "mish": lambda slope: nn.Mish(),
+    "relu6": lambda slope: nn.ReLU6(),
 }
+
+
+def _clamp_gate(x: Tensor, z: Tensor, low: float, high: float) -> Tensor:
+    """``clamp(z, low, high) = z · g(z)`` for ``low <= 0 <= high``: g is 1 inside, ``high / z``
+    above and ``low / z`` below (0 where the bound is 0)."""
+    above = torch.where(z > high, high / torch.where(z > high, z, 1.0), 1.0)
+    below = torch.where(z < low, low / torch.where(z < low, z, -1.0), 1.0)
+    return x * above * below
 
 
 def list_activations() -> list[str]:
@@ -125,7 +149,8 @@ def list_activations() -> list[str]:
 class GuidedActivation(StreamModule):
     """Guided activation (paper Alg. 2): stream s → ``x_s · g(Σ_s x_s)``.
 
-    Exact for every ``act(z) = z · g(z)``: relu, leaky_relu, silu, gelu, hardswish.
+    Exact for every ``act(z) = z · g(z)``: relu, relu6, leaky_relu, silu, gelu (erf and tanh),
+    hardswish, mish.
     Input: a bundle ``(S, B, ...)``; with ``in_streams == 1`` any tensor.
     ``guided=False`` is the paper's ablation: every stream activated on its own,
     ``act(x_s)``. The deployed ``act(Σ_s x_s)`` then differs from the training network.

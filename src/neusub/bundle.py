@@ -1,0 +1,288 @@
+"""``Bundle``: S streams of one feature map that any code can use as if it were their sum.
+
+A converted network (:func:`neusub.convert`) runs its own, unchanged Python ``forward``;
+the tensors between a re-parameterized layer and the point where streams merge are
+``Bundle`` objects. A bundle looks like the stream sum to the code that holds it (its
+``shape``, ``dtype`` and ``device`` are the sum's) and holds the streams ``(S, *shape)``
+in ``.streams``. Every torch function called on it goes through :func:`dispatch`, which
+applies the op's stream rule from :mod:`neusub.stream_rules` — each keeps
+``Σ_s out_s == op(Σ_s in_s)`` — or, for an op without one, feeds the op the stream sum
+(the streams merge there; exact, and recorded). So whatever the code does with a bundle,
+the result is what it would get from the plain network: the invariant holds by
+construction, for every op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+Rule = Callable[[Callable, tuple, dict], Any]
+RULES: dict[Callable, Rule] = {}
+
+
+def rule(*funcs: Callable) -> Callable[[Rule], Rule]:
+    """Register ``fn(func, args, kwargs)`` as the stream rule of every function in ``funcs``."""
+
+    def register(fn: Rule) -> Rule:
+        for func in funcs:
+            RULES[func] = fn
+        return fn
+
+    return register
+
+
+# Tensor properties answered by the bundle's own metadata (those of the stream sum).
+_METADATA = {
+    "shape",
+    "ndim",
+    "dtype",
+    "device",
+    "layout",
+    "is_cuda",
+    "is_meta",
+    "is_sparse",
+    "is_quantized",
+    "is_mkldnn",
+    "is_nested",
+    "is_cpu",
+    "is_xpu",
+    "is_mps",
+    "names",
+    "itemsize",
+    "nbytes",
+}
+_METADATA_METHODS = {
+    Tensor.size,
+    Tensor.dim,
+    Tensor.ndimension,
+    Tensor.numel,
+    Tensor.nelement,
+    Tensor.element_size,
+    Tensor.is_floating_point,
+    Tensor.is_complex,
+    Tensor.get_device,
+    Tensor.__len__,
+    Tensor.is_contiguous,
+    Tensor.stride,
+    Tensor.storage_offset,
+    Tensor.is_signed,
+}
+
+
+class Bundle(Tensor):
+    """``S`` streams ``(S, *shape)`` seen as one tensor of ``shape`` (their sum).
+
+    ``Bundle(streams)`` with ``streams.shape[0] == S``; ``.streams`` gives them back,
+    ``.num_streams`` is ``S``. Autograd runs on the streams; the bundle itself holds no data.
+    """
+
+    streams: Tensor
+
+    @staticmethod
+    def __new__(cls, streams: Tensor) -> Bundle:
+        if isinstance(streams, Bundle):
+            raise TypeError("Bundle(streams) takes a plain tensor of streams, not a Bundle")
+        out = Tensor._make_wrapper_subclass(
+            cls, streams.shape[1:], dtype=streams.dtype, device=streams.device, requires_grad=False
+        )
+        out.streams = streams
+        return out
+
+    @property
+    def num_streams(self) -> int:
+        return self.streams.shape[0]
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return f"Bundle(streams={self.num_streams}, shape={tuple(self.shape)}, sum={self.streams.sum(0)!r})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return dispatch(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only by ops that bypass __torch_function__: feed them the stream sums.
+        record_merge(f"aten {func}", "reached below the Python API")
+        return func(*tree_map(merge, args), **tree_map(merge, kwargs or {}))
+
+
+def streams_of(x: Any) -> Tensor | None:
+    return x.streams if isinstance(x, Bundle) else None
+
+
+def count(x: Any) -> int:
+    """The stream count of a value: S for a bundle, 1 for anything else."""
+    return x.streams.shape[0] if isinstance(x, Bundle) else 1
+
+
+def merge(x: Any) -> Any:
+    """A bundle's stream sum (a plain tensor); anything else unchanged."""
+    return x.streams.sum(0) if isinstance(x, Bundle) else x
+
+
+def wrap(streams: Tensor) -> Tensor:
+    """``(S, ...)`` streams as a ``Bundle``; one stream as a plain tensor (outside a probe)."""
+    if streams.shape[0] == 1 and _PROBE.get() is None:
+        return streams[0]
+    return Bundle(streams)
+
+
+def merge_all(value: Any) -> Any:
+    """Every bundle inside ``value`` (nested lists, tuples, dicts) replaced by its sum."""
+    return tree_map(merge, value)
+
+
+def _plain_call(func: Callable, args: tuple, kwargs: dict) -> Any:
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """The stream rule of ``func`` on ``args`` holding bundles; merge where there is none."""
+    owner = getattr(func, "__self__", None)
+    if owner is not None and type(owner).__name__ == "getset_descriptor":  # a property getter
+        name = owner.__name__
+        if name in _METADATA:
+            return _plain_call(func, args, kwargs)
+        if name in ("requires_grad", "is_leaf", "grad_fn"):
+            return getattr(args[0].streams, name)
+        if name == "grad":
+            return None
+    if func in _METADATA_METHODS:
+        return _plain_call(func, args, kwargs)
+    found = RULES.get(func)
+    result = (
+        found(func, args, kwargs) if found is not None else merged_call(func, args, kwargs, "no stream rule")
+    )
+    probe = _PROBE.get()
+    if probe is not None:
+        probe.note(func, args, kwargs, result)
+    return result
+
+
+def merged_call(func: Callable, args: tuple, kwargs: dict, why: str) -> Any:
+    """``func`` on the stream sums (exact: the streams merge here); recorded in a probe."""
+    merges = any(count(a) > 1 for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+    if merges:
+        record_merge(getattr(func, "__name__", repr(func)), why)
+    result = _plain_call(func, merge_all(args), merge_all(kwargs))
+    probe = _PROBE.get()
+    if probe is not None and (merges or probe.derives_from_merge((args, kwargs))):
+        result = probe.mark_merged(result)
+    return result
+
+
+# ---------------------------------------------------------------------- the convert probe
+
+
+@dataclass
+class Use:
+    """One op that read a tracked bundle during a probe."""
+
+    func: Callable | str
+    args: tuple
+    kwargs: dict
+    result: Any
+    where: str
+
+
+@dataclass
+class Probe:
+    """What one probing forward (see :func:`neusub.convert`) saw.
+
+    ``merges``: ``(module path, op, why)`` where streams merged. ``tracked``: the bundles
+    whose readers are recorded (layer outputs and what is computed from them; kept alive
+    so that their ids stay unique). ``uses``: every op that read a tracked bundle.
+    """
+
+    merges: list[tuple[str, str, str]] = field(default_factory=list)
+    path: list[str] = field(default_factory=list)  # the module stack, innermost last
+    tracked: dict[int, Tensor] = field(default_factory=dict)
+    uses: list[Use] = field(default_factory=list)
+    layer_outputs: dict[str, Tensor] = field(default_factory=dict)  # re-parameterized layer -> output
+    starved: list[str] = field(default_factory=list)  # layers that get one stream after a merge
+
+    merged: set[int] = field(default_factory=set)  # ids of one-stream values computed after a merge
+
+    def where(self) -> str:
+        return self.path[-1] if self.path else "<root>"
+
+    def mark_merged(self, result: Any) -> Any:
+        """A merge's (floating) tensors as one-stream bundles, marked, so that the probe can tell
+        which layers get one stream because streams merged before them."""
+
+        def mark(value: Any) -> Any:
+            if isinstance(value, Tensor) and not isinstance(value, Bundle) and value.is_floating_point():
+                value = Bundle(value.unsqueeze(0))
+            if isinstance(value, Bundle):
+                self.tracked[id(value)] = value
+                self.merged.add(id(value))
+            return value
+
+        return tree_map(mark, result)
+
+    def derives_from_merge(self, value: Any) -> bool:
+        return any(
+            isinstance(v, Bundle) and id(v) in self.merged for v in torch.utils._pytree.tree_leaves(value)
+        )
+
+    def track(self, value: Any) -> None:
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if isinstance(leaf, Bundle):
+                self.tracked[id(leaf)] = leaf
+
+    def note(self, func: Callable | str, args: tuple, kwargs: dict, result: Any) -> None:
+        """Record ``func`` if it read a tracked bundle, and track what it computed."""
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if any(id(leaf) in self.tracked for leaf in leaves if isinstance(leaf, Bundle)):
+            # copies of the containers: code may append to a list after passing it (DenseNet)
+            copied_args, copied_kwargs = tree_map(lambda v: v, args), tree_map(lambda v: v, kwargs)
+            self.uses.append(Use(func, copied_args, copied_kwargs, result, self.where()))
+            self.track(result)
+            if self.derives_from_merge((args, kwargs)):  # still one stream: still after a merge
+                for value in torch.utils._pytree.tree_leaves(result):
+                    if isinstance(value, Bundle) and value.num_streams == 1:
+                        self.merged.add(id(value))
+
+    def readers(self, value: Tensor) -> list[Use]:
+        return [
+            use
+            for use in self.uses
+            if any(a is value for a in torch.utils._pytree.tree_leaves(use.args))
+            or any(a is value for a in torch.utils._pytree.tree_leaves(use.kwargs))
+        ]
+
+
+_PROBE: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("neusub_probe", default=None)
+# Whether activations on bundles are guided (False: the paper's ablation, act per stream; set
+# by a converted model around its forward).
+GUIDED: contextvars.ContextVar[bool] = contextvars.ContextVar("neusub_guided", default=True)
+
+
+@contextlib.contextmanager
+def probing() -> Iterator[Probe]:
+    """Record merges and readers of bundles for the duration (one forward of :func:`convert`)."""
+    probe = Probe()
+    token = _PROBE.set(probe)
+    try:
+        yield probe
+    finally:
+        _PROBE.reset(token)
+
+
+def active_probe() -> Probe | None:
+    return _PROBE.get()
+
+
+def record_merge(op: str, why: str) -> None:
+    probe = _PROBE.get()
+    if probe is not None:
+        probe.merges.append((probe.where(), op, why))
