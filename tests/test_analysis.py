@@ -66,9 +66,9 @@ def test_block_drop_matches_removing_the_block_by_hand():
     torch.manual_seed(1)
     batches = [(torch.randn(16, 1, 12, 12), torch.randint(0, 5, (16,))) for _ in range(2)]
     # A block whose residual is exactly zero: removing it changes nothing (its input is a ReLU output).
-    with torch.no_grad():
-        plain.layer3[1].conv2.weight.zero_()
-        plain.layer3[1].conv2.bias.zero_()
+    with torch.no_grad():  # the last BN of the residual branch (an exact affine map) outputs zero
+        plain.layer3[1].bn2.weight.zero_()
+        plain.layer3[1].bn2.bias.zero_()
     result = analysis.block_drop(plain, batches)
     names = [r["block"] for r in result["blocks"]]
     assert names == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]

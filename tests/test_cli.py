@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -26,9 +28,12 @@ TINY = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def neusub(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "neusub", *args], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)  # fmt: skip
+def neusub(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``neusub ARGS`` in this process (imports already paid for): exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -3,26 +3,34 @@ preset through a config file), Fashion-MNIST in the Debian package's .gz layout.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+
+from neusub.cli import main
 
 SMALL = ["--epochs", "1", "--quiet", "--workers", "0"]
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def train(tmp_path: Path, *args: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "neusub", "train", *args], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    """``neusub train ARGS`` in this process; its JSON result."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", *args])
+    assert code == 0, err.getvalue()[-3000:]
+    return json.loads(out.getvalue())
 
 
 def test_features_with_vlm_preset(tmp_path: Path):

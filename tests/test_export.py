@@ -70,10 +70,13 @@ def test_to_torchvision_round_trip(name, stem, dtype, tol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_to_torchvision_bn_is_an_exact_bias(dtype):
-    tv = to_torchvision(trained_resnet("resnet18", "cifar", dtype))
-    bns = [m for m in tv.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(bns) == 1 + 2 * 8 + 3  # stem, two per block, three downsamples
-    for bn in bns:
+    """The BN after each re-parameterized conv carries its fused bias as an exact identity."""
+    model = trained_resnet("resnet18", "cifar", dtype)
+    tv = to_torchvision(model)
+    absorbed = [layer.norm_path for layer in model.neusub_conversion.layers]
+    assert len(absorbed) == 2 * 8  # two per block; the stem and the shortcuts stay plain conv-BNs
+    for path in absorbed:
+        bn = tv.get_submodule(path)
         assert bn.eps == 1e-5  # torchvision's default: the state dict loads into a fresh model
         assert torch.equal(bn.weight, torch.ones_like(bn.weight))
         assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
@@ -105,7 +108,7 @@ def test_to_torchvision_leaves_the_model_untouched():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     to_torchvision(model)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert not any(isinstance(m, nn.Conv2d) for m in model.modules())  # still the training structure
+    assert any(isinstance(m, neusub.RepConv2d) for m in model.modules())  # still the training structure
     # an already deployed model (neusub.deploy or timm's reparameterize_model) converts the same
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -220,12 +223,34 @@ def test_timm_create_and_reparameterize_model():
     model.eval()
     timm_plain = reparameterize_model(model).eval()
     ours = neusub.deploy(model)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in timm_plain.modules())
+    assert not any(isinstance(m, neusub.RepConv2d) for m in [*timm_plain.modules(), *ours.modules()])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = timm_plain(x)
-        assert torch.equal(out, ours(x))
+        assert relative_error(out, ours(x)) <= TOL32
         assert relative_error(out, model(x)) <= TOL32
+        # and deploy after timm's in-place fuse still gives the original layout
+        assert relative_error(neusub.deploy(timm_plain)(x), out) <= TOL32
+
+
+def test_timm_contract_of_registered_models():
+    model = timm.create_model("neusub_resnet18", recipe="dbb", num_classes=10, width_mult=0.125, stem="cifar")
+    assert model.pretrained_cfg["architecture"] == "resnet18" and model.default_cfg == model.pretrained_cfg
+    assert timm.data.resolve_data_config(model=model)["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    assert (model.num_classes, model.num_features) == (10, 64)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 64)
+        assert torch.fx.symbolic_trace(model)(x).shape == (2, 10)
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3
+    features = timm.create_model("neusub_resnet18", features_only=True, out_indices=(2, 4), width_mult=0.125)
+    x64 = torch.randn(1, 3, 64, 64)
+    deployed = neusub.deploy(features.eval())
+    with torch.no_grad():
+        maps = features(x64)
+        assert [m.shape[1] for m in maps] == features.feature_info.channels() == [16, 64]
+        assert all(relative_error(a, b) <= TOL32 for a, b in zip(maps, deployed(x64)))
 
 
 def test_timm_lists_every_model():

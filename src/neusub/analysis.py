@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bundle import Bundle
 from .layers import RepConv2d, _RepLayer
 
 
@@ -63,6 +64,7 @@ def branch_similarity(model: nn.Module, x: Tensor) -> list[dict]:
             results[name]["branch"] = _mean_pairwise_cosine(pairs, 3)
 
         def on_output(module: nn.Module, args, out: Tensor) -> None:
+            out = out.streams if isinstance(out, Bundle) else out  # a converted model's layer
             channel_dim = 2 if isinstance(layer, RepConv2d) else out.dim() - 1
             results[name]["stream"] = (
                 _mean_pairwise_cosine(out, channel_dim) if layer.out_streams > 1 else None
@@ -138,10 +140,12 @@ def kernel_magnitudes(model: nn.Module) -> dict[str, dict]:
 
 
 def residual_blocks(model: nn.Module) -> list[str]:
-    """Names of the blocks with an identity shortcut (input and output of the same shape)."""
+    """Names of the residual blocks with an identity shortcut (input and output of one shape):
+    modules with ``conv1``, ``conv2`` and a ``downsample`` that is None or an identity."""
     return [
         name for name, m in model.named_modules()
-        if isinstance(getattr(m, "downsample", None), nn.Identity) and hasattr(m, "residual")
+        if hasattr(m, "downsample") and hasattr(m, "conv1") and hasattr(m, "conv2")
+        and (m.downsample is None or isinstance(m.downsample, nn.Identity))
     ]  # fmt: skip
 
 

@@ -576,7 +576,10 @@ def deploy_converted(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     for spec in conversion.layers:
         layer = plain.get_submodule(spec.path)
-        kernel, bias = layer.fused_kernel()
+        if isinstance(layer, (RepConv2d, RepLinear)):
+            kernel, bias = layer.fused_kernel()
+        else:  # already fused in place (timm.utils.reparameterize_model): a conv / linear with bias
+            kernel, bias = layer.weight, layer.bias
         module = _materialise(spec.original, kernel)
         module.weight.copy_(kernel.reshape(module.weight.shape))
         if spec.norm_path is not None:

@@ -3,33 +3,22 @@
 Both start from :func:`neusub.deploy`, so what is exported is the plain network that
 computes the training structure's eval-mode function.
 
-**BatchNorm in** :func:`to_torchvision`. torchvision's ResNet has bias-free convs,
-each followed by a BatchNorm (``bn1``, ``bn2``, ``bn3``, ``downsample[1]``). The deployed
-network has one conv *with* bias per position. Each pair is written as
-
-- conv ``weight`` = the fused kernel, no conv bias;
-- BN ``weight`` = 1, ``bias`` = the fused bias, ``running_mean`` = 0,
-  ``running_var`` = ``1 - eps`` (computed in the parameter dtype), ``eps`` unchanged (1e-5).
-
-In eval mode BN computes ``(x - 0) / sqrt((1 - eps) + eps) * 1 + bias``; in binary floating
-point with round-to-nearest ``fl(fl(1 - eps) + eps) == 1`` exactly (the rounding error of
-``1 - eps`` is at most half an ulp below 1, which rounds back to 1), so the BN is exactly
-``x + bias`` in fp32 and fp64: the torchvision model equals the deployed network up to the
-order in which conv and bias are added. ``eps`` keeps torchvision's default, so the state
-dict also loads exactly into a freshly built ``torchvision.models.resnet18(num_classes=...)``
-(for ``width_mult=1``). In bf16 ``1 - eps`` rounds to 1 and the BN scales by
-``1/sqrt(1 + 1e-5)`` (a relative change of 5e-6, far below bf16 resolution).
-In train mode these BNs normalise with batch statistics like any torchvision ResNet:
-fine-tuning starts from the fused weights with fresh normalisation.
-
-``width_mult`` is supported: the torchvision model is built with the standard
-block/layers/groups and every conv, BN and the classifier are then replaced by modules of
-the neusub model's widths (for ``width_mult=1`` they are the standard ones).
+**torchvision.** neusub's ResNets are timm's, converted; deployed, they are timm ResNets
+with the fused kernels in their convs and each fused bias in the BatchNorm after the conv,
+kept as an exact identity that adds it (weight 1, running mean 0, running var ``1 − eps``:
+in binary floating point ``fl(fl(1 − eps) + eps) == 1``, so the BN is exactly ``x + bias``
+in fp32 and fp64). timm's ResNet and torchvision's share their module names, so
+:func:`to_torchvision` moves every conv, BatchNorm and the classifier into a
+``torchvision.models.ResNet`` of the same block, depths and groups, whose state dict then
+loads into torchvision's own builder (for ``width_mult=1``; other widths keep their
+channels). In train mode those BNs normalise with batch statistics like any torchvision
+ResNet: fine-tuning starts from the fused weights with fresh normalisation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 import warnings
@@ -39,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .deploy import deploy
-from .models.resnet import RESNETS, BasicBlock, Bottleneck, ResNet
+from .models.resnet import RESNETS
 
 __all__ = ["SUPPORTED_TORCHVISION", "to_onnx", "to_torchvision"]
 
@@ -58,60 +47,42 @@ def _unsupported(model: nn.Module, why: str) -> ValueError:
 
 
 def resnet_name(model: nn.Module) -> str:
-    """Which of :data:`SUPPORTED_TORCHVISION` a neusub ResNet is (from its blocks and groups)."""
+    """Which of :data:`SUPPORTED_TORCHVISION` a (deployed) neusub ResNet is."""
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
     if not isinstance(model, ResNet):
         raise _unsupported(model, "not a neusub ResNet")
     stages = [model.layer1, model.layer2, model.layer3, model.layer4]
-    block = type(stages[0][0])
     depths = [len(stage) for stage in stages]
-    conv2 = stages[0][0].conv2
-    groups = conv2.geom.groups if hasattr(conv2, "geom") else conv2.groups
-    for name, (kind, layers, extra) in RESNETS.items():
-        if kind is block and layers == depths and extra.get("groups", 1) == groups:
-            return name
-    raise _unsupported(model, f"unknown ResNet configuration {block.__name__} {depths} groups={groups}")
+    first = stages[0][0]
+    groups = first.conv1.groups if isinstance(first, BasicBlock) else first.conv2.groups
+    known = {
+        ("BasicBlock", (2, 2, 2, 2), 1): "resnet18", ("BasicBlock", (3, 4, 6, 3), 1): "resnet34",
+        ("Bottleneck", (3, 4, 6, 3), 1): "resnet50", ("Bottleneck", (3, 4, 23, 3), 1): "resnet101",
+        ("Bottleneck", (3, 4, 6, 3), 32): "resnext50_32x4d",
+    }  # fmt: skip
+    kinds = {BasicBlock: "BasicBlock", Bottleneck: "Bottleneck"}
+    kind = next((label for cls, label in kinds.items() if isinstance(first, cls)), "?")
+    name = known.get((kind, tuple(depths), groups))
+    if name is None:
+        raise _unsupported(model, f"unknown ResNet configuration {kind} {depths} groups={groups}")
+    return name
 
 
-def _plain_conv(conv: nn.Module, where: str) -> nn.Conv2d:
-    """A bias-free copy of a deployed conv (its bias goes to the BN that follows)."""
-    if type(conv) is not nn.Conv2d:
-        raise ValueError(
-            f"to_torchvision: expected a deployed nn.Conv2d at {where}, got {type(conv).__name__}"
-        )
-    w = conv.weight
-    out = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=False, device=w.device, dtype=w.dtype,
-    )  # fmt: skip
-    with torch.no_grad():
-        out.weight.copy_(w)
-    return out
-
-
-def _bias_bn(conv: nn.Conv2d) -> nn.BatchNorm2d:
-    """A BatchNorm that is exactly ``x + conv.bias`` in eval mode (see the module docstring)."""
-    c, w = conv.out_channels, conv.weight
-    bn = nn.BatchNorm2d(c, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        bn.weight.fill_(1.0)
-        bias = conv.bias if conv.bias is not None else torch.zeros(c, device=w.device, dtype=w.dtype)
-        bn.bias.copy_(bias)
-        bn.running_mean.zero_()
-        bn.running_var.copy_(torch.ones(c, device=w.device, dtype=w.dtype) - bn.eps)
-    return bn.eval()
-
-
-def _check_relu(module: nn.Module, where: str) -> None:
-    if type(module) is not nn.ReLU:
-        raise ValueError(
-            f"to_torchvision: torchvision ResNets use ReLU, but {where} is {type(module).__name__}; "
-            "build the model with act='relu'"
-        )
-
-
-def _check_identity(module: nn.Module, where: str) -> None:
-    if not isinstance(module, nn.Identity):
-        raise ValueError(f"to_torchvision: expected an identity at {where} after deploy, got {module}")
+def _check_plain_block(block: nn.Module, where: str) -> None:
+    for attr in ("act1", "act2", "act3"):
+        act = getattr(block, attr, None)
+        if act is not None and type(act) is not nn.ReLU:
+            raise ValueError(
+                f"to_torchvision: torchvision ResNets use ReLU, but {where}.{attr} is "
+                f"{type(act).__name__}; build the model with act='relu'"
+            )
+    for attr in ("se", "aa", "drop_block"):
+        extra = getattr(block, attr, None)
+        if extra is not None and not isinstance(extra, nn.Identity):
+            raise ValueError(
+                f"to_torchvision: {where}.{attr} is {type(extra).__name__}; torchvision has none"
+            )
 
 
 def to_torchvision(model: nn.Module):
@@ -123,53 +94,24 @@ def to_torchvision(model: nn.Module):
     """
     import torchvision
 
-    name = resnet_name(model)
     plain = deploy(model)
-    block_kind, layers, extra = RESNETS[name]
-    tv_block = {
-        BasicBlock: torchvision.models.resnet.BasicBlock,
-        Bottleneck: torchvision.models.resnet.Bottleneck,
-    }[block_kind]
+    name = resnet_name(plain)
+    if type(plain.act1) is not nn.ReLU:
+        raise ValueError("to_torchvision: torchvision ResNets use ReLU; build the model with act='relu'")
     with torch.device("meta"):  # every module with parameters is replaced below
-        tv = torchvision.models.ResNet(
-            tv_block, layers, num_classes=plain.fc.out_features,
-            groups=extra.get("groups", 1), width_per_group=extra.get("base_width", 64),
-        )  # fmt: skip
-
-    tv.conv1, tv.bn1 = _plain_conv(plain.conv1, "conv1"), _bias_bn(plain.conv1)
-    _check_relu(plain.act1, "act1")
-    if isinstance(plain.maxpool, nn.Identity):
-        tv.maxpool = nn.Identity()
-    else:
-        pool = plain.maxpool
-        tv.maxpool = nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding)
-    convs = ("conv1", "conv2") if block_kind is BasicBlock else ("conv1", "conv2", "conv3")
+        tv = getattr(torchvision.models, name)(num_classes=plain.fc.out_features)
+    for attr in ("conv1", "bn1", "maxpool", "fc"):
+        setattr(tv, attr, copy.deepcopy(getattr(plain, attr)))
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for i, (ours, theirs) in enumerate(zip(getattr(plain, stage), getattr(tv, stage))):
-            where = f"{stage}.{i}"
-            for j, conv_name in enumerate(convs, start=1):
-                conv = getattr(ours, conv_name)
-                setattr(theirs, conv_name, _plain_conv(conv, f"{where}.{conv_name}"))
-                setattr(theirs, f"bn{j}", _bias_bn(conv))
-            for act in ("act1", "act2", "act_out"):
-                if hasattr(ours, act):
-                    _check_relu(getattr(ours, act), f"{where}.{act}")
-            _check_identity(ours.shortcut, f"{where}.shortcut")
-            _check_identity(ours.drop_path, f"{where}.drop_path")
-            if isinstance(ours.downsample, nn.Identity):
-                theirs.downsample = None
-            else:
-                down = ours.downsample
-                theirs.downsample = nn.Sequential(_plain_conv(down, f"{where}.downsample"), _bias_bn(down))
-            theirs.stride = theirs.conv2.stride[0]
-    fc = plain.fc
-    tv.fc = nn.Linear(fc.in_features, fc.out_features, device=fc.weight.device, dtype=fc.weight.dtype)
-    with torch.no_grad():
-        tv.fc.weight.copy_(fc.weight)
-        tv.fc.bias.copy_(fc.bias)
-    tv.inplanes = fc.in_features
+            _check_plain_block(ours, f"{stage}.{i}")
+            for attr in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"):
+                if hasattr(theirs, attr):
+                    setattr(theirs, attr, copy.deepcopy(getattr(ours, attr)))
+            # other widths than torchvision's may add a shortcut projection (timm's stem keeps 64)
+            theirs.downsample = copy.deepcopy(ours.downsample)
     left = [n for n, t in [*tv.named_parameters(), *tv.named_buffers()] if t.is_meta]
-    if left:  # a torchvision layout this function does not know
+    if left:  # a layout this function does not know
         raise ValueError(f"to_torchvision: could not map {', '.join(left[:5])} from {name}")
     return tv.eval()
 

@@ -1,128 +1,112 @@
-"""ResNet / ResNeXt with re-parameterized 3×3 convs (torchvision's layout).
+"""ResNet / ResNeXt: timm's definitions, converted with :func:`neusub.convert`.
 
-Re-parameterized: the k×k convs of the residual branches. Plain: the stem, the
-1×1 convs of bottlenecks and the downsample shortcuts (conv-BN folded on deploy;
-under branch-level connectivity they map each stream on its own). Residual adds,
-max-pool and drop-path go through the stream ops; the head sums the streams.
+Re-parameterized by default: every k×k conv of the residual branches; the stem, the 1×1
+convs of bottlenecks and the downsample shortcuts stay plain (under branch-level
+connectivity they map each stream on its own). ``layers="paper"`` is the official code's
+structure: also every 1×1 conv and shortcut, with four 1×1 branches. ``stem="cifar"`` is a
+3×3 stride-1 stem without max-pool; ``width_mult`` scales every channel count, the stem's too.
 """
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
+from ..convert import LayerSpec, convert
 from .factory import LayerFactory
 
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, f: LayerFactory, in_ch: int, planes: int, stride: int, streams: int,
-                 drop_path: float, groups: int = 1, base_width: int = 64):  # fmt: skip
-        super().__init__()
-        self.conv1 = f.rep_conv(in_ch, planes, 3, stride, streams=streams)
-        self.act1 = f.activation(self.conv1.out_streams)
-        self.conv2 = f.rep_conv(planes, planes, 3, 1, streams=self.conv1.out_streams)
-        self._finish(f, in_ch, planes, stride, streams, self.conv2.out_streams, drop_path)
-
-    def _finish(self, f: LayerFactory, in_ch: int, out_ch: int, stride: int, streams: int,
-                out_streams: int, drop_path: float) -> None:  # fmt: skip
-        shortcut_streams = streams
-        self.downsample: nn.Module = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.downsample = f.plain_conv(in_ch, out_ch, 1, stride, streams=streams)
-            shortcut_streams = self.downsample.out_streams
-        self.shortcut, self.add = f.residual(out_streams, shortcut_streams)
-        self.drop_path = f.drop_path(drop_path, out_streams)
-        self.act_out = f.activation(out_streams)
-        self.out_streams = out_streams
-
-    def residual(self, x: Tensor) -> Tensor:
-        return self.conv2(self.act1(self.conv1(x)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.drop_path(self.residual(x))
-        return self.act_out(self.add(out, self.shortcut(self.downsample(x))))
+# name: cardinality (groups of the 3×3 convs); the block and depths are timm's
+RESNETS = {"resnet18": 1, "resnet34": 1, "resnet50": 1, "resnet101": 1, "resnext50_32x4d": 32}
+TIMM_ACTS = {
+    "relu": "relu", "leaky_relu": "leaky_relu", "silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
+    "hardswish": "hard_swish", "mish": "mish", "relu6": "relu6",
+}  # fmt: skip
 
 
-class Bottleneck(BasicBlock):
-    expansion = 4
-
-    def __init__(self, f: LayerFactory, in_ch: int, planes: int, stride: int, streams: int,
-                 drop_path: float, groups: int = 1, base_width: int = 64):  # fmt: skip
-        nn.Module.__init__(self)
-        width = int(planes * (base_width / 64.0)) * groups
-        out_ch = planes * self.expansion
-        self.conv1 = f.plain_conv(in_ch, width, 1, streams=streams)
-        self.act1 = f.activation(self.conv1.out_streams)
-        self.conv2 = f.rep_conv(width, width, 3, stride, groups=groups, streams=self.conv1.out_streams)
-        self.act2 = f.activation(self.conv2.out_streams)
-        self.conv3 = f.plain_conv(width, out_ch, 1, streams=self.conv2.out_streams)
-        self._finish(f, in_ch, out_ch, stride, streams, self.conv3.out_streams, drop_path)
-
-    def residual(self, x: Tensor) -> Tensor:
-        return self.conv3(self.act2(self.conv2(self.act1(self.conv1(x)))))
+def residual_kxk(path: str, module: nn.Module) -> bool:
+    """The default policy: the k×k convs of the residual branches (not the stem ``conv1``)."""
+    return isinstance(module, nn.Conv2d) and path != "conv1" and tuple(module.kernel_size) != (1, 1)
 
 
-class ResNet(nn.Module):
-    """``(B, 3, H, W) → (B, num_classes)``; ``stem="imagenet"`` (7×7/2 + max-pool) or ``"cifar"`` (3×3/1)."""
+def plain_resnet(
+    name: str,
+    num_classes: int = 1000,
+    stem: str = "imagenet",
+    act: str = "relu",
+    drop_path_rate: float = 0.0,
+    width_mult: float = 1.0,
+    in_chans: int = 3,
+    **timm_kwargs,
+) -> nn.Module:
+    """timm's ``name`` with neusub's stem and width options (the plain network)."""
+    import timm
 
-    def __init__(self, block: type[BasicBlock], layers: list[int], f: LayerFactory, num_classes: int = 1000,
-                 stem: str = "imagenet", drop_path_rate: float = 0.0, width_mult: float = 1.0,
-                 groups: int = 1, base_width: int = 64, in_chans: int = 3):  # fmt: skip
-        super().__init__()
-        if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
-        widths = [max(1, int(round(c * width_mult))) for c in (64, 128, 256, 512)]
-        if groups > 1:  # grouped 3×3 needs widths divisible by the groups
-            widths = [max(groups, (w // groups) * groups) for w in widths]
-        self.stem_kind = stem
-        if stem == "imagenet":
-            self.conv1 = f.plain_conv(in_chans, widths[0], 7, 2)
-            self.act1 = f.activation(1)
-            self.maxpool: nn.Module = f.max_pool(3, 2, 1, streams=1)
-        else:
-            self.conv1 = f.plain_conv(in_chans, widths[0], 3, 1)
-            self.act1 = f.activation(1)
-            self.maxpool = nn.Identity()
-        streams, in_ch = 1, widths[0]
-        total, index = sum(layers), 0
-        stages = []
-        for stage, (width, depth) in enumerate(zip(widths, layers)):
-            blocks = []
-            for i in range(depth):
-                stride = 2 if stage > 0 and i == 0 else 1
-                rate = drop_path_rate * index / max(total - 1, 1)
-                blk = block(f, in_ch, width, stride, streams, rate, groups, base_width)
-                blocks.append(blk)
-                streams, in_ch, index = blk.out_streams, width * block.expansion, index + 1
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.merge = f.merge(streams)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_ch, num_classes)
-        self.num_features, self.out_streams = in_ch, streams
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.act1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.merge(x)
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(self.avgpool(x).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    if stem not in ("imagenet", "cifar"):
+        raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
+    if act not in TIMM_ACTS:
+        raise ValueError(f"unknown act {act!r}; choose one of {', '.join(TIMM_ACTS)}")
+    groups = RESNETS[name]
+    widths = [max(1, int(round(c * width_mult))) for c in (64, 128, 256, 512)]
+    if groups > 1:  # timm's grouped 3×3 has planes · base_width/64 · groups channels: keep it ≥ groups
+        widths = [max(16, w) for w in widths]
+    model = timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, channels=tuple(widths),
+        act_layer=TIMM_ACTS[act], drop_path_rate=drop_path_rate, **timm_kwargs,
+    )  # fmt: skip
+    _set_stem(model, stem, in_chans, widths[0])
+    return model
 
 
-RESNETS = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2], {}),
-    "resnet34": (BasicBlock, [3, 4, 6, 3], {}),
-    "resnet50": (Bottleneck, [3, 4, 6, 3], {}),
-    "resnet101": (Bottleneck, [3, 4, 23, 3], {}),
-    "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], {"groups": 32, "base_width": 4}),
-}
+def _set_stem(model: nn.Module, stem: str, in_chans: int, width: int) -> None:
+    """The stem conv (7×7/2, or 3×3/1 without max-pool for ``cifar``) with ``width`` channels.
+
+    timm's stem always has 64; a narrower one changes the input side of ``layer1[0]`` too
+    (its first conv and its shortcut, which becomes an identity when the shapes then match)."""
+    if stem == "cifar":
+        model.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    else:
+        model.conv1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    first = model.layer1[0]
+    conv = first.conv1
+    first.conv1 = nn.Conv2d(width, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    out_channels = (first.conv3 if hasattr(first, "conv3") else first.conv2).out_channels
+    if width == out_channels:
+        first.downsample = None
+    else:  # timm's projection shortcut: 1×1 conv + BN
+        stride = first.conv2.stride if hasattr(first, "conv3") else conv.stride
+        first.downsample = nn.Sequential(
+            nn.Conv2d(width, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+        )
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info:  # the stem's entry (a features_only model keeps its own)
+        info[0]["num_chs"] = width
 
 
-def build_resnet(name: str, f: LayerFactory, **kwargs) -> ResNet:
-    block, layers, extra = RESNETS[name]
-    return ResNet(block, layers, f, **extra, **kwargs)
+def build_resnet(
+    name: str,
+    f: LayerFactory,
+    num_classes: int = 1000,
+    stem: str = "imagenet",
+    drop_path_rate: float = 0.0,
+    width_mult: float = 1.0,
+    in_chans: int = 3,
+    layers: LayerSpec = None,
+    **timm_kwargs,
+) -> nn.Module:
+    """The converted ResNet ``name`` (``layers``: a :func:`neusub.convert` policy; default
+    :func:`residual_kxk`). Extra keyword arguments go to ``timm.create_model`` (e.g.
+    ``features_only=True``)."""
+    plain = plain_resnet(name, num_classes, stem, f.act, drop_path_rate, width_mult, in_chans, **timm_kwargs)
+    return convert(
+        plain,
+        recipe=f.recipe,
+        connectivity=f.connectivity,
+        stochastic=f.stochastic,
+        neural_drop=f.neural_drop,
+        layers=residual_kxk if layers is None else layers,
+        guided=f.guided,
+        init="fresh",
+        example_input=(1, in_chans, 64, 64),
+        on_merge="ignore",
+    )
