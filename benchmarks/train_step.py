@@ -21,6 +21,13 @@ Usage::
     python benchmarks/train_step.py --quick         # smoke run
     python benchmarks/train_step.py --only r18_conv2_ns   # one config (+ its baseline)
     python benchmarks/train_step.py --only r18_nsnet_ns --profile   # torch.profiler breakdown
+    python benchmarks/train_step.py --previous REV  # also the twins ``prev_*`` from git revision REV
+
+Sources of a configuration: ``neusub`` (``neusub.create_model``; its ResNets are timm's,
+converted), ``timm`` (the plain timm model), ``convert`` (``neusub.convert`` of the timm
+model) and ``previous`` (``create_model`` of an earlier git revision, unpacked to a temporary
+folder and put first on the worker's ``PYTHONPATH``), so that a new path is timed against the
+old one in the same run.
 
 Results: a markdown table on stdout, and ``benchmarks/results/train_step.{json,md}``
 (``train_step_<name>.{json,md}`` with ``--only``).
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -58,13 +66,25 @@ class Config:
     batch: int = 32
     baseline: str | None = None  # config whose time / RSS the ratios are taken over
     steps: int = 3  # default timed steps (after warm-up)
-    target_time: float | None = None  # max step-time ratio to baseline (the issue's target)
+    target_time: float | None = None  # max step-time ratio to baseline
     target_rss_gb: float | None = None  # max peak RSS, GB (10⁹ bytes)
+    source: str = "neusub"  # neusub | timm | convert | previous (see the module docstring)
+    layers: str | None = None  # create_model's / convert's layers= policy
+    twin: str | None = None  # the same configuration from the previous revision (time compared)
 
 
+_PREVIOUS = [  # (name, model, recipe, connectivity, stochastic, batch, baseline)
+    ("r18_nsnet_ns", "resnet18", "nsnet", "ns", 1.0, 32, "r18_plain"),
+    ("r18_conv2_ns", "resnet18", "conv2", "ns", 0.0, 32, "r18_plain"),
+    ("r18_conv3_ns", "resnet18", "conv3", "ns", 0.0, 32, "r18_plain"),
+    ("r18_dbb_block", "resnet18", "dbb", "block", 0.0, 32, "r18_plain"),
+    ("r50_nsnet_ns", "resnet50", "nsnet", "ns", 1.0, 16, "r50_plain"),
+]
 CONFIGS: dict[str, Config] = {
     c.name: c
     for c in [
+        *(Config(f"prev_{n}", m, r, c, st, batch=b, baseline=base, source="previous")
+          for n, m, r, c, st, b, base in _PREVIOUS),
         Config("r18_plain", "resnet18", "plain", "block", steps=6),
         Config("r18_nsnet_ns", "resnet18", "nsnet", "ns", 1.0, baseline="r18_plain", steps=3,
                target_time=20.0, target_rss_gb=3.8),
@@ -78,8 +98,18 @@ CONFIGS: dict[str, Config] = {
                target_time=14.0, target_rss_gb=5.0),
         Config("r50_nsnet_ns_recompute", "resnet50", "nsnet", "ns", 1.0, recompute=True, batch=16,
                baseline="r50_plain", steps=3, target_time=14.0, target_rss_gb=5.0),
+        Config("r50_paper_ns", "resnet50", "nsnet", "ns", 1.0, batch=16, baseline="r50_plain", steps=2,
+               layers="paper"),
+        Config("effb0_timm", "efficientnet_b0", "plain", "block", steps=5, source="timm"),
+        Config("effb0_nsnet_ns", "efficientnet_b0", "nsnet", "ns", 1.0, baseline="effb0_timm", steps=3,
+               source="convert"),
+        Config("convnext_atto_timm", "convnext_atto", "plain", "block", steps=5, source="timm"),
+        Config("convnext_atto_nsnet_ns", "convnext_atto", "nsnet", "ns", 1.0, baseline="convnext_atto_timm",
+               steps=3, source="convert"),
     ]
 }  # fmt: skip
+for _name, *_ in _PREVIOUS:  # each current configuration is compared with its previous twin
+    CONFIGS[_name] = dataclasses.replace(CONFIGS[_name], twin=f"prev_{_name}")
 INFERENCE_TARGET, INFERENCE_TOL = 1.00, 0.03
 NUM_CLASSES, IMAGE = 100, 32
 ALL_NAMES = [*CONFIGS, INFERENCE]
@@ -103,9 +133,20 @@ def _peak_rss_kib() -> int:
 def _build(cfg: Config):
     import neusub
 
+    if cfg.source in ("timm", "convert"):
+        import timm
+
+        plain = timm.create_model(cfg.model, num_classes=NUM_CLASSES)
+        if cfg.source == "timm":
+            return plain
+        return neusub.convert(
+            plain, recipe=cfg.recipe, connectivity=cfg.connectivity, stochastic=cfg.stochastic,
+            init="fresh", example_input=(1, 3, IMAGE, IMAGE), on_merge="ignore",
+        )  # fmt: skip
+    extra = {"layers": cfg.layers} if cfg.layers else {}
     return neusub.create_model(
         cfg.model, recipe=cfg.recipe, connectivity=cfg.connectivity, stochastic=cfg.stochastic,
-        num_classes=NUM_CLASSES, stem="cifar", recompute=cfg.recompute,
+        num_classes=NUM_CLASSES, stem="cifar", recompute=cfg.recompute, **extra,
     )  # fmt: skip
 
 
@@ -360,6 +401,8 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
     if args.profile and name != INFERENCE and CONFIGS[name].baseline is not None:
         cmd += ["--profile", str(args.profile)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if name in CONFIGS and CONFIGS[name].source == "previous":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.previous_src, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     print(f"[train_step] {name}: running (fresh process) ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
@@ -397,6 +440,8 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             "name": name,
             "model": cfg.model,
             "recipe": cfg.recipe,
+            "layers": cfg.layers,
+            "source": cfg.source,
             "connectivity": cfg.connectivity
             + (f" (stochastic={cfg.stochastic:g})" if cfg.stochastic else "")
             + (", recompute" if cfg.recompute else ""),
@@ -412,6 +457,7 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             "conv_flops_ratio": None,
             "train_conv_flops_ratio": None,
             "rss_ratio": None,
+            "vs_previous": None,
             "target_time": cfg.target_time,
             "target_rss_gb": cfg.target_rss_gb,
             "time_ok": None,
@@ -427,6 +473,10 @@ def summarize(results: dict[str, dict]) -> list[dict]:
                 row["time_ok"] = row["time_ratio"] <= cfg.target_time
         if cfg.target_rss_gb is not None:
             row["rss_ok"] = row["peak_rss_gb"] <= cfg.target_rss_gb
+        twin = results.get(cfg.twin) if cfg.twin else None
+        twin_base = results.get(CONFIGS[cfg.twin].baseline) if twin is not None else None
+        if twin is not None and base is not None:  # the time ratio over the previous path's ratio
+            row["vs_previous"] = row["time_ratio"] / (twin["median_s"] / _base_value(twin_base, "median_s"))
         rows.append(row)
     return rows
 
@@ -445,9 +495,9 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         f"Load average (1/5/15 min) before {meta['loadavg_before']}, after {meta['loadavg_after']}.",
         "",
         "| config | model | recipe | connectivity | batch | steps | median step (s) | time × plain "
-        "| CPU time × plain | conv FLOPs × plain (fwd; fwd+bwd) | target time | peak RSS (GB) "
-        "| RSS × plain | target RSS |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| × previous path | CPU time × plain | conv FLOPs × plain (fwd; fwd+bwd) | target time "
+        "| peak RSS (GB) | RSS × plain | target RSS |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         flops = (
@@ -460,10 +510,12 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
             median += " (mean of " + ", ".join(f"{t:.2f}" for t in r["runs_median_s"]) + ")"
         target_t = "—" if r["target_time"] is None else f"≤ {r['target_time']:g}× {_verdict(r['time_ok'])}"
         target_m = "—" if r["target_rss_gb"] is None else f"≤ {r['target_rss_gb']:g} {_verdict(r['rss_ok'])}"
+        recipe = r["recipe"] + (f" ({r['layers']})" if r.get("layers") else "")
         out.append(
-            f"| {r['name']} | {r['model']} | {r['recipe']} | {r['connectivity']} | {r['batch']} "
+            f"| {r['name']} | {r['model']} | {recipe} "
+            f"| {r['connectivity']} | {r['batch']} "
             f"| {r['steps']} | {median} | {_fmt(r['time_ratio'], '.2f', '×')} "
-            f"| {_fmt(r['cpu_time_ratio'], '.2f', '×')} | {flops} "
+            f"| {_fmt(r['vs_previous'], '.3f')} | {_fmt(r['cpu_time_ratio'], '.2f', '×')} | {flops} "
             f"| {target_t} | {r['peak_rss_gb']:.2f} | {_fmt(r['rss_ratio'], '.2f', '×')} | {target_m} |"
         )
     if inference is not None:
@@ -544,6 +596,17 @@ def _code_version(git: bool = True) -> dict:
     return info
 
 
+def _unpack_previous(rev: str) -> str:
+    """The ``src`` folder of git revision ``rev``, unpacked into a temporary folder."""
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(tempfile.mkdtemp(prefix="neusub-previous-"))
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return str(folder / "src")
+
+
 def parent_main(args: argparse.Namespace) -> None:
     import torch
 
@@ -557,6 +620,9 @@ def parent_main(args: argparse.Namespace) -> None:
         stem = "train_step_" + "_".join(args.only)
     else:
         names, stem = list(ALL_NAMES), "train_step"
+    args.previous_src = _unpack_previous(args.previous) if args.previous else None
+    if not args.previous:  # no earlier revision named: no twins
+        names = [n for n in names if not (n in CONFIGS and CONFIGS[n].source == "previous")]
     if args.quick:
         args.steps, args.iters = args.steps or 2, min(args.iters, 6)
     meta = {
@@ -565,6 +631,7 @@ def parent_main(args: argparse.Namespace) -> None:
         "steps_override": args.steps,
         "budget_s": args.budget,
         "torch": torch.__version__,
+        "previous": args.previous,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -586,9 +653,10 @@ def parent_main(args: argparse.Namespace) -> None:
         else:
             results[name] = result
     meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
-    meta["worker_src_sha1"] = {
+    meta["worker_src_sha1"] = {  # the previous revision's twins run other sources on purpose
         name + suffix: run.get("neusub_src_sha1")
         for name, r in results.items()
+        if not (name in CONFIGS and CONFIGS[name].source == "previous")
         for suffix, run in [("", r)] + ([(" (rerun)", r["rerun"])] if "rerun" in r else [])
     }
     meta["wall_s"] = time.perf_counter() - t0
@@ -631,6 +699,8 @@ def main(argv: list[str] | None = None) -> None:
         help="also run torch.profiler for STEPS steps in each non-baseline worker (stderr)",
     )  # fmt: skip
     p.add_argument("--out", default=None, help="output path without suffix (default benchmarks/results/...)")
+    p.add_argument("--previous", default=None, metavar="REV",
+                   help="also time the prev_* twins with neusub from this git revision")  # fmt: skip
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup < 1:
