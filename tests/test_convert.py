@@ -243,6 +243,9 @@ def test_paper_policy_reproduces_the_official_parameter_counts():
         model.maxpool = nn.Identity()
         converted = neusub.convert(model, layers="paper", example_input=(1, 3, 32, 32))
         assert sum(p.numel() for p in converted.parameters()) == expected, name
+        with torch.device("meta"):  # create_model's backbones take the same policy
+            ours = neusub.create_model(name, layers="paper", stem="cifar", num_classes=100)
+        assert sum(p.numel() for p in ours.parameters()) == expected, name
 
 
 def test_timm_model_contract():

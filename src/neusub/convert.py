@@ -216,8 +216,9 @@ def convert(
 
     ``example_input``: a tensor or a shape for the probe (default: timm's
     ``pretrained_cfg["input_size"]``, else ``(1, C, 224, 224)`` with C of the first conv).
-    ``on_merge``: ``"warn"`` (one warning listing where streams merge), ``"ignore"`` or
-    ``"error"`` (``ValueError`` naming the module and the op). ``init``: ``"inherit"`` (the
+    ``on_merge``: what to do when a layer after the first gets one stream because the streams
+    merged before it: ``"warn"`` (one warning), ``"ignore"`` or ``"error"`` (``ValueError``
+    naming the module and the op). ``init``: ``"inherit"`` (the
     converted network in eval mode computes ``model``'s function exactly before training)
     or ``"fresh"`` (the re-parameterized layers start from neusub's default initialisation).
     The result's ``neusub_conversion`` says what was done (``print`` it).

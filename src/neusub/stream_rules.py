@@ -336,8 +336,11 @@ def _add(a: Any, b: Any, sign: int, alpha: Any = 1) -> Tensor:
     rank = max(_rank(a), _rank(b))
     left = _lifted(a, rank) if isinstance(a, Bundle) else a
     right = _lifted(b, rank) if isinstance(b, Bundle) else b
+    factor = sign * alpha
     with torch._C.DisableTorchFunctionSubclass():
-        return wrap(left + sign * alpha * right)
+        if not isinstance(left, Tensor):  # a number plus a bundle
+            return wrap(right * factor + left)
+        return wrap(left + right if factor == 1 else torch.add(left, right, alpha=factor))
 
 
 @rule(*_ADD)
@@ -544,18 +547,18 @@ for _name in (
 # ---------------------------------------------------------------------- normalisation
 
 
-def _normalised(inner: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
-    """Streams ``(S, ...)`` → ``(x_s − μ/S) / σ`` with the statistics of the stream sum."""
-    return (inner - mean / inner.shape[0]) * torch.rsqrt(var + eps)
-
-
-def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: tuple) -> Tensor:
-    """``out · γ + β / S`` with the parameters shaped to ``shape`` (S = ``out.shape[0]``)."""
+def _normalised(inner: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None = None,
+                bias: Tensor | None = None, shape: tuple = ()) -> Tensor:  # fmt: skip
+    """Streams ``(S, ...)`` → ``γ (x_s − μ/S) / σ + β/S`` with the statistics of the stream sum,
+    as one ``x · a + b`` (autograd keeps the input and the small ``a``, as BatchNorm does);
+    ``weight`` and ``bias`` are reshaped to ``shape``."""
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        out = out * weight.reshape(shape)
+        scale = scale * weight.reshape(shape)
+    shift = -mean * scale
     if bias is not None:
-        out = out + bias.reshape(shape) / out.shape[0]
-    return out
+        shift = shift + bias.reshape(shape)
+    return torch.addcmul(shift / inner.shape[0], inner, scale)
 
 
 def _bound(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: dict) -> dict:
@@ -586,8 +589,8 @@ def _batch_norm(func, args, kwargs):
                     var_buffer.lerp_(unbiased.to(var_buffer.dtype), bound["momentum"])
         else:
             mean, var = mean_buffer, var_buffer
-        out = _normalised(inner, mean.reshape(shape), var.reshape(shape), bound["eps"])
-        return wrap(_affine(out, bound["weight"], bound["bias"], shape))
+        mean, var = mean.reshape(shape), var.reshape(shape)
+        return wrap(_normalised(inner, mean, var, bound["eps"], bound["weight"], bound["bias"], shape))
 
 
 @rule(F.layer_norm)
@@ -605,8 +608,9 @@ def _layer_norm(func, args, kwargs):
     with torch._C.DisableTorchFunctionSubclass():
         dims = tuple(range(-len(normalized), 0))
         var, mean = torch.var_mean(x.streams.sum(0), dim=dims, correction=0, keepdim=True)
-        out = _normalised(x.streams, mean, var, bound["eps"])
-        return wrap(_affine(out, bound["weight"], bound["bias"], normalized))
+        return wrap(
+            _normalised(x.streams, mean, var, bound["eps"], bound["weight"], bound["bias"], normalized)
+        )
 
 
 @rule(F.group_norm)
@@ -623,7 +627,12 @@ def _group_norm(func, args, kwargs):
         grouped = inner.reshape(s, b, bound["num_groups"], -1)
         var, mean = torch.var_mean(grouped.sum(0), dim=-1, correction=0, keepdim=True)
         out = _normalised(grouped, mean, var, bound["eps"]).reshape(inner.shape)
-        return wrap(_affine(out, bound["weight"], bound["bias"], (-1, *([1] * (inner.dim() - 3)))))
+        channels = (-1, *([1] * (inner.dim() - 3)))
+        if bound["weight"] is not None:
+            out = out * bound["weight"].reshape(channels)
+        if bound["bias"] is not None:
+            out = out + bound["bias"].reshape(channels) / s
+        return wrap(out)
 
 
 # ---------------------------------------------------------------------- dropout
