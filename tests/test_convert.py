@@ -106,7 +106,7 @@ def converted_and_trained(
         )
     model.to(DTYPE)
     converted.train()
-    optimizer = torch.optim.SGD(converted.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(converted.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(3, 3, size, size, generator=gen)
