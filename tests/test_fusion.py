@@ -140,17 +140,6 @@ def dilated_avg_pool(x, size, stride, dilation, padding):
     return acc / (kh * kw)
 
 
-def block_diagonal(kernel: torch.Tensor, groups: int) -> torch.Tensor:
-    """Hand-built dense ``(C_out, C_in, kh, kw)`` of a grouped kernel."""
-    c_out, c_in_g = kernel.shape[:2]
-    c_out_g = c_out // groups
-    dense = torch.zeros(c_out, c_in_g * groups, *kernel.shape[2:], dtype=kernel.dtype)
-    for g in range(groups):
-        rows = slice(g * c_out_g, (g + 1) * c_out_g)
-        dense[rows, g * c_in_g : (g + 1) * c_in_g] = kernel[rows]
-    return dense
-
-
 def bn_and_pad(y: torch.Tensor, value: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
     """Pad ``y`` by ``padding`` with the per-channel ``value`` in the border (DBB's BN-and-pad)."""
     ph, pw = padding
@@ -404,32 +393,6 @@ def test_avg_pool_kernel(kind, stride, dilation, data):
 # --------------------------------------------------------------------------- grouped <-> dense
 
 
-@conv_grid
-@SETTINGS
-@given(data=st.data())
-def test_grouped_dense(kind, stride, dilation, data):
-    geo = data.draw(geometries(kind))
-    size = data.draw(kernel_sizes)
-    r = Rand(geo.seed)
-    x = r.normal(geo.batch, geo.c_in, geo.height, geo.width)
-    kernel = r.normal(geo.c_out, geo.c_in // geo.groups, *size)
-
-    dense = fusion.grouped_to_dense(kernel, geo.groups)
-    assert torch.equal(dense, block_diagonal(kernel, geo.groups))
-    assert torch.equal(fusion.dense_to_grouped(dense, geo.groups), kernel)
-    expected = conv(x, kernel, None, stride, dilation, geo.groups)
-    assert_close(conv(x, dense, None, stride, dilation, 1), expected, "grouped_to_dense")
-
-    # dense_to_grouped keeps the diagonal blocks of any dense kernel and drops the rest.
-    full = r.normal(geo.c_out, geo.c_in, *size)
-    grouped = fusion.dense_to_grouped(full, geo.groups)
-    assert grouped.shape == kernel.shape
-    mask = block_diagonal(torch.ones_like(kernel), geo.groups)
-    assert torch.equal(fusion.grouped_to_dense(grouped, geo.groups), full * mask)
-    expected = conv(x, full * mask, None, stride, dilation, 1)
-    assert_close(conv(x, grouped, None, stride, dilation, geo.groups), expected, "dense_to_grouped")
-
-
 # --------------------------------------------------------------------------- merge_1x1_kxk
 
 
@@ -520,8 +483,6 @@ def run_every_helper(geo: Geometry, size: tuple[int, int], mid: int, dtype, devi
     out["identity_kernel"] = fusion.identity_kernel(c_in, g, size, like=x)
     out["channel_scale_kernel"] = fusion.channel_scale_kernel(t(c_in), g, size)
     out["avg_pool_kernel"] = fusion.avg_pool_kernel(c_in, g, size, like=x)
-    out["grouped_to_dense"] = fusion.grouped_to_dense(kernel, g)
-    out["dense_to_grouped"] = fusion.dense_to_grouped(t(c_out, c_in, *size), g)
     first = (t(mid, c_in // g, 1, 1), t(mid))
     out["merge_1x1_kxk.kernel"], out["merge_1x1_kxk.bias"] = fusion.merge_1x1_kxk(
         first, (t(c_out, mid // g, *size), t(c_out)), g

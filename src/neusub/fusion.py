@@ -92,28 +92,6 @@ def avg_pool_kernel(channels: int, groups: int, size: tuple[int, int], *, like: 
     return kernel
 
 
-def grouped_to_dense(kernel: Tensor, groups: int) -> Tensor:
-    """``(C_out, C_in // g, kh, kw)`` → block-diagonal ``(C_out, C_in, kh, kw)``."""
-    if groups == 1:
-        return kernel
-    c_out, c_in_g = kernel.shape[:2]
-    dense = kernel.new_zeros(groups, c_out // groups, groups, c_in_g, *kernel.shape[2:])
-    blocks = kernel.reshape(groups, c_out // groups, c_in_g, *kernel.shape[2:])
-    idx = torch.arange(groups, device=kernel.device)
-    dense[idx, :, idx] = blocks
-    return dense.reshape(c_out, groups * c_in_g, *kernel.shape[2:])
-
-
-def dense_to_grouped(kernel: Tensor, groups: int) -> Tensor:
-    """Block-diagonal ``(C_out, C_in, kh, kw)`` → ``(C_out, C_in // g, kh, kw)`` (diagonal blocks)."""
-    if groups == 1:
-        return kernel
-    c_out, c_in = kernel.shape[:2]
-    blocks = kernel.reshape(groups, c_out // groups, groups, c_in // groups, *kernel.shape[2:])
-    idx = torch.arange(groups, device=kernel.device)
-    return blocks[idx, :, idx].reshape(c_out, c_in // groups, *kernel.shape[2:])
-
-
 def merge_1x1_kxk(first: Kernel, second: Kernel, groups: int) -> Kernel:
     """Sequential 1×1 → k×k (both with ``groups``) as one k×k conv, group by group.
 
