@@ -101,7 +101,7 @@ def test_resume_after_sigkill_is_bit_identical(finished_run: Path, tmp_path: Pat
 def test_eval_deploy_export(finished_run: Path, tmp_path: Path):
     result = json.loads(neusub("eval", str(finished_run)).stdout)
     deployed_eval = json.loads(neusub("eval", str(finished_run / "deployed.pt")).stdout)
-    assert deployed_eval["deployed"] and result["val_acc"] == pytest.approx(
+    assert deployed_eval["model"] == "deployed" and result["val_acc"] == pytest.approx(
         deployed_eval["val_acc"], abs=1e-9
     )
 

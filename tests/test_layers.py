@@ -26,7 +26,15 @@ from neusub import RepConv2d, RepLinear
 from neusub.recipes import Geometry, build_branches
 
 RECIPES = neusub.list_recipes()
-CENTRED = {"repvgg", "acnet", "acnet+", "dbb", "mobileone", "nsnet"}  # need odd k and same padding
+CENTRED = {
+    "repvgg",
+    "qarepvgg",
+    "acnet",
+    "acnet+",
+    "dbb",
+    "mobileone",
+    "nsnet",
+}  # need odd k and same padding
 
 # id: (connectivity, in_streams, stochastic, neural_drop, 1-stream input given as a 5-D bundle)
 CONNECTIVITY = {
@@ -118,7 +126,10 @@ def literal_pairs(layer, bundle: Tensor, training: bool, records: list) -> Tenso
     for j, spec in enumerate(specs):
         z = _literal_branch(geom, spec, layer.branches[spec.name], flat, training, records)
         idx = torch.tensor([(c // cg) * n * cg + j * cg + c % cg for c in range(c_out)])
-        z, _ = _literal_bn(z, layer.bn, idx, training, records)
+        if layer.normed_channels is not None:  # the BN holds only the channels of branches with BN
+            idx = torch.searchsorted(layer.normed_channels, idx)
+        if spec.norm:
+            z, _ = _literal_bn(z, layer.bn, idx, training, records)
         if linear:
             outs.append(z.reshape(*bundle.shape[:-1], c_out))
         else:
@@ -135,10 +146,25 @@ def literal_forward(layer, x: Tensor, training: bool, records: list | None = Non
         is_bundle = x.dim() == 5
     pairs = literal_pairs(layer, x if is_bundle else x[None], training, records)  # (N, S, B, ...)
     if layer.connectivity == "block":
-        return pairs.sum((0, 1))
-    if layer.connectivity == "ns":
-        return pairs.sum(1)
-    return pairs.transpose(0, 1).reshape(-1, *pairs.shape[2:])  # stream l * N + j
+        out = pairs.sum((0, 1))[None]
+    elif layer.connectivity == "ns":
+        out = pairs.sum(1)
+    else:
+        out = pairs.transpose(0, 1).reshape(-1, *pairs.shape[2:])  # stream l * N + j
+    if layer.post_bn is not None:  # one BN over the branch sum: statistics of the stream sum
+        bn, total = layer.post_bn, out.sum(0)
+        rows = total.reshape(-1, total.shape[-1]) if isinstance(layer, RepLinear) else total  # (B, C, ...)
+        mean, var = bn.running_mean, bn.running_var
+        if training:
+            dims = [0, *range(2, rows.dim())]
+            mean, var = rows.mean(dims), rows.var(dims, unbiased=False)
+            if layer.neural_drop == 0:  # dropped pairs change the sum this BN normalises
+                records.append((bn, None, mean.detach(), var.detach(), rows.numel() // rows.shape[1]))
+        shape = (-1,) if isinstance(layer, RepLinear) else (-1, 1, 1)
+        scale = (bn.weight / torch.sqrt(var + bn.eps)).view(shape)
+        s = out.shape[0]
+        out = (out - mean.view(shape) / s) * scale + bn.bias.view(shape) / s
+    return out[0] if layer.connectivity == "block" else out
 
 
 def snapshot_bn(layer) -> dict:

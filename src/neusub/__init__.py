@@ -1,61 +1,61 @@
-"""neusub: branch-level structural re-parameterization with Neural Substitution."""
+"""neusub: branch-level structural re-parameterization with Neural Substitution.
 
-from . import export
-from .convert import convert
-from .deploy import check_equivalence, deploy
-from .layers import CONNECTIVITIES, RepConv2d, RepLinear, set_recompute
-from .models import create_model, list_models
-from .recipes import Recipe, list_recipes
-from .streams import (
-    Add,
-    Gate,
-    GuidedActivation,
-    GuidedMaxPool2d,
-    PerStream,
-    SqueezeExcite,
-    StreamAdd,
-    StreamBatchNorm2d,
-    StreamDropout,
-    StreamDropPath,
-    StreamGate,
-    StreamMerge,
-    StreamModule,
-    StreamSequential,
-    list_activations,
-)
-from .timm_registry import register_all as register_timm_models
+Names are loaded on first use (``neusub.convert`` imports torch then), so ``import neusub``
+and the command line start fast; timm learns neusub's models as soon as timm is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+from . import timm_registry
 
 __version__ = "0.1.0"
 
-register_timm_models()
+# public name -> the module that defines it
+_NAMES = {
+    "convert": "convert",
+    "check_equivalence": "deploy", "deploy": "deploy",
+    "CONNECTIVITIES": "layers", "RepConv2d": "layers", "RepLinear": "layers", "set_recompute": "layers",
+    "create_model": "models", "list_models": "models",
+    "Recipe": "recipes", "list_recipes": "recipes",
+    "load": "saved",
+    **{name: "streams" for name in (
+        "Add", "Gate", "GuidedActivation", "GuidedMaxPool2d", "PerStream", "SqueezeExcite", "StreamAdd",
+        "StreamBatchNorm2d", "StreamDropout", "StreamDropPath", "StreamGate", "StreamMerge",
+        "StreamModule", "StreamSequential", "list_activations",
+    )},
+}  # fmt: skip
+_SUBMODULES = ("export",)
 
-__all__ = [
-    "CONNECTIVITIES",
-    "Add",
-    "Gate",
-    "GuidedActivation",
-    "GuidedMaxPool2d",
-    "PerStream",
-    "Recipe",
-    "RepConv2d",
-    "RepLinear",
-    "SqueezeExcite",
-    "StreamAdd",
-    "StreamBatchNorm2d",
-    "StreamDropPath",
-    "StreamDropout",
-    "StreamGate",
-    "StreamMerge",
-    "StreamModule",
-    "StreamSequential",
-    "check_equivalence",
-    "convert",
-    "create_model",
-    "list_models",
-    "deploy",
-    "export",
-    "list_activations",
-    "list_recipes",
-    "set_recompute",
-    "__version__",
-]
+__all__ = sorted([*_NAMES, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name not in _NAMES:
+        raise AttributeError(f"module 'neusub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    setattr(sys.modules[__name__], name, value)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Keeps ``neusub.deploy`` / ``neusub.convert`` the functions: importing the submodule of the
+    same name would otherwise replace the package attribute with the module."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _NAMES.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+timm_registry.watch()

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import stream_rules  # noqa: F401  (registers the stream rules)
+from . import fusion, stream_rules  # noqa: F401  (stream_rules registers the stream rules)
 from .bundle import GUIDED, Bundle, Probe, merge_all, probing
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear
 from .recipes import Geometry, Recipe, as_recipe, build_branches
@@ -544,15 +544,20 @@ def _install(model: nn.Module, spec: ConvertedLayer, settings: dict, init: str) 
 @torch.no_grad()
 def inherit_weights(layer: RepConv2d | RepLinear, original: nn.Module, norm: nn.Module | None) -> None:
     """Branch 0 computes ``norm(original(Σ x))`` over the layer's ``in_streams`` streams (in
-    eval mode); every other branch starts at zero contribution (its BatchNorm scale is 0)."""
+    eval mode); every other branch starts at zero contribution (its BatchNorm scale is 0, a
+    conv without BN has zero weights). An identity without BN (``qarepvgg``) cannot be silenced:
+    branch 0 takes it out of its own kernel instead (``W − I / a``, ``a`` its BN scale)."""
     s, bn = layer.in_streams, layer.bn
-    first = next(iter(layer.branches.values()))
+    branches = list(layer.branches.values())
+    first = branches[0]
     first.weight.copy_(original.weight.reshape(first.weight.shape))
-    channels = bn.num_features // layer.num_branches
-    scale, shift = bn.weight.new_zeros(bn.num_features), bn.bias.new_zeros(bn.num_features)
-    mean, var = bn.running_mean.new_zeros(bn.num_features), bn.running_var.new_ones(bn.num_features)
-    conv_bias = original.bias if original.bias is not None else torch.zeros_like(scale[:channels])
-    index = layer._split(torch.arange(bn.num_features, device=scale.device))[0]  # branch 0's channels
+    total = layer.num_branches * layer.geom.out_channels
+    scale, shift = bn.weight.new_zeros(total), bn.bias.new_zeros(total)
+    mean, var = bn.running_mean.new_zeros(total), bn.running_var.new_ones(total)
+    conv_bias = (
+        original.bias if original.bias is not None else torch.zeros_like(scale[: layer.geom.out_channels])
+    )
+    index = layer._split(torch.arange(total, device=scale.device))[0]  # branch 0's channels
     if norm is not None:
         bn.eps, bn.momentum = norm.eps, norm.momentum
         scale[index], shift[index] = norm.weight, norm.bias / s
@@ -561,10 +566,36 @@ def inherit_weights(layer: RepConv2d | RepLinear, original: nn.Module, norm: nn.
     else:  # an exact identity that adds the conv's bias: BN(y) = y + b
         scale[index], shift[index] = 1.0, conv_bias / s
         var[index] = 1.0 - bn.eps
-    bn.weight.copy_(scale)
-    bn.bias.copy_(shift)
-    bn.running_mean.copy_(mean)
-    bn.running_var.copy_(var)
+    for spec, branch in list(zip(build_branches(layer.recipe, layer.geom), branches))[1:]:
+        if spec.norm:  # silenced by its zero BN scale
+            continue
+        if spec.kind == "conv":
+            branch.weight.zero_()
+        elif spec.kind == "identity":
+            gain = scale[index] / torch.sqrt(var[index] + bn.eps)
+            if not bool((gain != 0).all()):
+                raise ValueError(
+                    f"init='inherit': the original BatchNorm has zero scales, so branch 0 cannot absorb the "
+                    f"identity branch of recipe {layer.recipe.name!r}; use init='fresh' or another recipe"
+                )
+            like = first.weight
+            identity = fusion.identity_kernel(
+                like.shape[0], layer.geom.groups, tuple(like.shape[2:]), like=like
+            )
+            first.weight.sub_(identity / gain.reshape(-1, 1, 1, 1))
+        else:
+            raise ValueError(f"init='inherit' cannot start a {spec.kind!r} branch without BatchNorm at zero")
+    keep = layer.normed_channels if layer.normed_channels is not None else slice(None)
+    bn.weight.copy_(scale[keep])
+    bn.bias.copy_(shift[keep])
+    bn.running_mean.copy_(mean[keep])
+    bn.running_var.copy_(var[keep])
+    if layer.post_bn is not None:  # an exact identity: weight 1, bias 0, mean 0, var 1 − eps
+        post = layer.post_bn
+        post.weight.fill_(1.0)
+        post.bias.zero_()
+        post.running_mean.zero_()
+        post.running_var.fill_(1.0 - post.eps)
 
 
 # ---------------------------------------------------------------------- deploy

@@ -22,6 +22,7 @@ import copy
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from .deploy import deploy
 from .models.resnet import RESNETS
 
-__all__ = ["SUPPORTED_TORCHVISION", "to_onnx", "to_torchvision"]
+__all__ = ["SUPPORTED_TORCHVISION", "OnnxModel", "to_onnx", "to_onnx_int8", "to_torchvision"]
 
 SUPPORTED_TORCHVISION = tuple(RESNETS)
 _ONNX_HINT = "pip install neusub[onnx]"
@@ -119,7 +120,7 @@ def to_torchvision(model: nn.Module):
 # --------------------------------------------------------------------------- ONNX
 
 
-def _require_onnx(check: bool) -> None:
+def _require_onnx(check: bool, what: str = "to_onnx") -> None:
     missing = []
     for module in ("onnx", "onnxruntime") if check else ("onnx",):
         try:
@@ -127,7 +128,24 @@ def _require_onnx(check: bool) -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise ImportError(f"to_onnx needs {' and '.join(missing)}: {_ONNX_HINT}")
+        raise ImportError(f"{what} needs {' and '.join(missing)}: {_ONNX_HINT}")
+
+
+@contextlib.contextmanager
+def _written_atomically(path: Path):
+    """A temporary path beside ``path``, renamed to ``path`` only if the block succeeds."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # what open() gives: mkstemp makes the file private (0600)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _max_relative_error(actual, expected) -> float:
@@ -147,6 +165,7 @@ def to_onnx(
     dynamic_batch: bool = True,
     check: bool = True,
     rtol: float = 1e-4,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export the deployed form of ``model`` to ONNX at ``path``; returns the path.
 
@@ -156,6 +175,8 @@ def to_onnx(
     (``dynamo=False``: it needs neither ``onnxscript`` nor ``torch.export``). With ``check``,
     onnxruntime runs the file on a random input and the export fails with ``RuntimeError``
     unless its output matches the deployed network's within ``rtol`` (max relative error).
+    ``metadata`` is stored in the file's ``metadata_props`` (neusub's CLI keeps the run's
+    configuration there, so ``neusub eval`` can evaluate the file).
 
     The file is written to a temporary file beside ``path`` and renamed into place only when
     everything succeeded: on failure ``path`` is left as it was (absent, or the old file).
@@ -168,24 +189,32 @@ def to_onnx(
     plain = deploy(model).to(device="cpu", dtype=dtype)
     example = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)).to(dtype)
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with _written_atomically(path) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             torch.onnx.export(
                 plain, (example,), str(tmp), dynamo=False, opset_version=opset,
                 input_names=["input"], output_names=["output"], dynamic_axes=axes,
             )  # fmt: skip
+        if metadata:
+            _set_metadata(tmp, metadata)
         onnx.checker.check_model(str(tmp))
         if check:
             _check_onnxruntime(plain, tmp, example, rtol)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return path
+
+
+def _set_metadata(file: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(file))
+    onnx.helper.set_model_props(proto, {**read_metadata(proto), **metadata})
+    onnx.save(proto, str(file))
+
+
+def read_metadata(model) -> dict[str, str]:
+    """``metadata_props`` of an ONNX model (a ``ModelProto``) as a dict."""
+    return {prop.key: prop.value for prop in model.metadata_props}
 
 
 def _check_onnxruntime(plain: nn.Module, file: Path, example: Tensor, rtol: float) -> None:
@@ -198,3 +227,94 @@ def _check_onnxruntime(plain: nn.Module, file: Path, example: Tensor, rtol: floa
     err = _max_relative_error(got, expected)
     if not err <= rtol:
         raise RuntimeError(f"to_onnx: onnxruntime output differs from the deployed network (rel. {err:.2e})")
+
+
+# --------------------------------------------------------------------------- INT8
+
+
+def to_onnx_int8(
+    float_onnx: str | os.PathLike,
+    path: str | os.PathLike,
+    calibration: Tensor | Iterable[Tensor],
+    *,
+    per_channel: bool = True,
+    method: str = "minmax",
+) -> Path:
+    """Static post-training INT8 quantization of a float ONNX file (from :func:`to_onnx`).
+
+    onnxruntime's quantizer in QDQ format: signed INT8 weights (per output channel with
+    ``per_channel``) and activations, their ranges calibrated (``method``: ``"minmax"``,
+    ``"entropy"`` or ``"percentile"``) on ``calibration`` — a tensor ``(N, *input)`` or batches
+    of them, best drawn from the training data. The float file's metadata is kept. Written
+    atomically, like :func:`to_onnx`. Needs ``pip install neusub[onnx]``.
+    """
+    _require_onnx(True, "to_onnx_int8")
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+    if method not in methods:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
+    batches = [calibration] if isinstance(calibration, Tensor) else list(calibration)
+    batches = [b.detach().to("cpu", torch.float32) for b in batches if len(b)]
+    if not batches:
+        raise ValueError("to_onnx_int8 needs at least one calibration sample")
+    source, path = Path(float_onnx), Path(path)
+    proto = OnnxModel(source).proto  # a clear error for a file that is not ONNX
+    reader = _Batches(proto.graph.input[0].name, batches)
+    with _written_atomically(path) as tmp, tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"  # shapes inferred, graph optimised: as ORT advises
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(
+            str(prepared), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, methods[method]),
+        )  # fmt: skip
+        metadata = read_metadata(proto)
+        if metadata:
+            _set_metadata(tmp, metadata)
+        onnx.checker.check_model(str(tmp))
+    return path
+
+
+class _Batches:
+    """onnxruntime's ``CalibrationDataReader`` protocol over a list of tensors."""
+
+    def __init__(self, name: str, batches: list[Tensor]):
+        self.name, self.batches = name, iter(batches)
+
+    def get_next(self) -> dict | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.name: batch.numpy()}
+
+
+class OnnxModel:
+    """An ONNX file as a callable ``(B, *input) → outputs`` on tensors, run by onnxruntime (CPU).
+
+    ``metadata`` holds the file's ``metadata_props``. A file that onnxruntime cannot load is a
+    ``ValueError`` naming it."""
+
+    def __init__(self, path: str | os.PathLike):
+        _require_onnx(True, "running an ONNX file")
+        import onnx
+        import onnxruntime
+
+        self.path = Path(path)
+        try:
+            self.proto = onnx.load(str(self.path), load_external_data=False)
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnx's DecodeError, onnxruntime's InvalidProtobuf / Fail
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{self.path} is not an ONNX model onnxruntime can load ({reason})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.metadata = read_metadata(self.proto)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the graph holds INT8 quantize / dequantize nodes."""
+        return any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in self.proto.graph.node)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        (out,) = self.session.run(None, {self.input_name: x.detach().to("cpu", torch.float32).numpy()})[:1]
+        return torch.from_numpy(out)

@@ -32,7 +32,14 @@ from .bundle import Bundle, active_probe, wrap
 from .partition import draw_mixing, partition_sum
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .recompute import recomputed_batch_norm
-from .streams import MAX_NAIVE_STREAMS, StreamModule, check_probability, check_streams, is_proxy
+from .streams import (
+    MAX_NAIVE_STREAMS,
+    StreamModule,
+    check_probability,
+    check_streams,
+    is_proxy,
+    sum_batch_norm,
+)
 
 CONNECTIVITIES = ("block", "ns", "naive")
 
@@ -78,8 +85,15 @@ class _RepLayer(StreamModule):
         self.branches = nn.ModuleDict({spec.name: make_branch(spec, geom) for spec in specs})
         self._num_branches = len(specs)  # kept after reparameterize() drops the branches
         # One BN for all branches; channels ordered (groups, branch, C_out // groups) so a
-        # single grouped conv can produce every branch (see stacked_kernel).
-        self.bn = bn(len(specs) * geom.out_channels)
+        # single grouped conv can produce every branch (see stacked_kernel). Branches without
+        # BN (norm=False) keep their channels out of it: ``normed_channels`` lists the others.
+        per_group = geom.out_channels // geom.groups
+        slots = itertools.product(range(geom.groups), enumerate(specs), range(per_group))
+        normed = [(g * len(specs) + j) * per_group + c for g, (j, spec), c in slots if spec.norm]
+        partial = torch.tensor(normed) if len(normed) < len(specs) * geom.out_channels else None
+        self.register_buffer("normed_channels", partial, persistent=False)
+        self.bn = bn(len(normed))
+        self.post_bn = bn(geom.out_channels) if self.recipe.post_norm else None
         self.set_in_streams(in_streams)
 
     @property
@@ -176,9 +190,21 @@ class _RepLayer(StreamModule):
 
         return to_bn_order(torch.stack(kernels)), to_bn_order(torch.stack(biases))
 
+    def stacked_affine(self) -> tuple[Tensor, Tensor]:
+        """Every branch's outer BN in eval mode as ``(scale, shift)``, each ``(N·C_out,)`` in BN
+        order; a branch without BN is ``(1, 0)``."""
+        scale, shift = running_affine(self.bn)
+        if self.normed_channels is None:
+            return scale, shift
+        total = self.num_branches * self.geom.out_channels
+        return (
+            scale.new_ones(total).index_copy(0, self.normed_channels, scale),
+            shift.new_zeros(total).index_copy(0, self.normed_channels, shift),
+        )
+
     def branch_kernels(self) -> list[fusion.Kernel]:
         """Each branch fused with its BN in eval mode: ``[(kernel, bias)]`` in branch order."""
-        scale, shift = running_affine(self.bn)
+        scale, shift = self.stacked_affine()
         scales, shifts = self._split(scale), self._split(shift)
         like = scale
         return [
@@ -191,7 +217,10 @@ class _RepLayer(StreamModule):
         dtype = self._like.dtype
         exact = copy.deepcopy(self).to(torch.float64) if dtype != torch.float64 else self
         kernel, bias = fusion.sum_branches(exact.branch_kernels())
-        return kernel.to(dtype), (bias * self.in_streams).to(dtype)
+        bias = bias * self.in_streams
+        if exact.post_bn is not None:
+            kernel, bias = fusion.fold_conv_bn(kernel, bias, *running_affine(exact.post_bn))
+        return kernel.to(dtype), bias.to(dtype)
 
     # ------------------------------------------------------------------ forward
 
@@ -209,6 +238,10 @@ class _RepLayer(StreamModule):
         # small, and composing them in bf16 would lose the exactness the fusion relies on.
         with _without_autocast(flat):
             weight, bias = self.stacked_kernel(self._moments(flat), self._like)
+        if self.normed_channels is not None:  # branches without BN: normalise only the others
+            z = op(flat, weight, bias)
+            normed = bn(z.index_select(1, self.normed_channels))
+            return z.index_copy(1, self.normed_channels, normed.to(z.dtype))
         if self.recompute and bn.training and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d):
             return recomputed_batch_norm(lambda x, w: op(x, w, None), flat, weight, bias, bn)
         rate = bn.momentum if bn.momentum is not None else 1.0 / (float(bn.num_batches_tracked) + 1.0)
@@ -221,6 +254,19 @@ class _RepLayer(StreamModule):
                 bn.running_mean.add_(bias.detach().to(bn.running_mean.dtype), alpha=rate / (1.0 - rate))
             return bn(op(flat, weight, None))
         return bn(op(flat, weight, bias))
+
+    def _post_normed(self, out: Tensor) -> Tensor:
+        """The recipe's BatchNorm after the branch sum, on the layer's output ``(S', B, C', ...)``
+        (block: ``(B, C', ...)``): over streams it normalises with the statistics of their sum,
+        so the streams still sum to the block network's output."""
+        if self.post_bn is None:
+            return out
+        if self.connectivity == "block":
+            return self.post_bn(
+                out if isinstance(self, RepConv2d) else out.reshape(-1, out.shape[-1])
+            ).reshape(out.shape)
+        rows = out if isinstance(self, RepConv2d) else out.reshape(out.shape[0], -1, out.shape[-1])
+        return sum_batch_norm(rows, self.post_bn).reshape(out.shape)
 
     def _connect(self, z: Tensor, streams: int) -> Tensor:
         """``z``: ``(S, rows, g, N, C_out/g, L)`` → ``(out_streams, rows, g, C_out/g, L)``."""
@@ -309,6 +355,7 @@ class RepConv2d(_RepLayer):
         g = self.geom
         if (
             not self.group_block_branches or self.connectivity != "block" or self.recompute
+            or self.normed_channels is not None
             or g.groups != 1 or g.kernel == (1, 1) or g.padding != g.same_padding
             or type(self.bn) is not nn.BatchNorm2d
         ):  # fmt: skip
@@ -403,7 +450,7 @@ class RepConv2d(_RepLayer):
         h, w = z.shape[2:]
         pairs = z.permute(0, 2, 3, 1).reshape(s, b, h * w * g.groups, self.num_branches, -1, 1)
         out = self._connect(pairs, s).reshape(-1, b, h, w, g.out_channels).permute(0, 1, 4, 2, 3)
-        return out[0] if self.connectivity == "block" else out
+        return self._post_normed(out[0] if self.connectivity == "block" else out)
 
     def fuse(self) -> nn.Conv2d:
         g = self.geom
@@ -464,7 +511,7 @@ class RepLinear(_RepLayer):
         # neural drop draws one pair mask per sample, not per token.
         out = self._connect(z.view(s, batch_shape[0], -1, self.num_branches, self.geom.out_channels, 1), s)
         out = out.reshape(-1, *batch_shape, self.geom.out_channels)
-        return out[0] if self.connectivity == "block" else out
+        return self._post_normed(out[0] if self.connectivity == "block" else out)
 
     def fuse(self) -> nn.Linear:
         kernel, bias = self.fused_kernel()

@@ -51,12 +51,15 @@ class Branch:
       ``avg``       avg-pool(layer kernel) → BN (depthwise layers)
       ``conv_kxk``  1×1 conv (``expand`` × in channels) → BN → k×k conv → BN
       ``conv_avg``  1×1 conv (out channels) → BN → avg-pool(layer kernel) → BN
+
+    ``norm=False``: the branch enters the sum without its outer BN (QARepVGG's 1×1 and identity).
     """
 
     name: str
     kind: str
     kernel: Size = (1, 1)
     expand: int = 1
+    norm: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class Recipe:
 
     def branches(self, geom: Geometry) -> list[Branch]:
         return build_branches(self, geom)
+
+    @property
+    def post_norm(self) -> bool:
+        """Whether the layer ends in one BatchNorm over the branch sum (``qarepvgg``)."""
+        return self.name in _POST_NORM
 
 
 def _kxk(geom: Geometry, name: str = "kxk") -> Branch:
@@ -96,6 +104,15 @@ def _conv_n(n: int) -> Callable[[Geometry], list[Branch]]:
 
 def _repvgg(geom: Geometry) -> list[Branch]:
     return [_kxk(geom), _one_by_one(geom), *_identity(geom)]
+
+
+def _qarepvgg(geom: Geometry) -> list[Branch]:
+    # QARepVGG: the 1×1 and identity branches lose their BatchNorm (whose per-channel scales
+    # give the fused kernel outliers), and one BatchNorm after the sum takes over their job.
+    raw = [Branch("1x1", "conv", (1, 1), norm=False)]
+    if geom.keeps_shape:
+        raw.append(Branch("identity", "identity", norm=False))
+    return [_kxk(geom), *raw]
 
 
 def _acnet(geom: Geometry) -> list[Branch]:
@@ -146,6 +163,7 @@ _RECIPES: dict[str, Callable[..., list[Branch]]] = {
     "plain": _plain,
     **{f"conv{n}": _conv_n(n) for n in range(2, 6)},
     "repvgg": _repvgg,
+    "qarepvgg": _qarepvgg,
     "acnet": _acnet,
     "acnet+": _acnet_plus,
     "dbb": _dbb,
@@ -153,7 +171,9 @@ _RECIPES: dict[str, Callable[..., list[Branch]]] = {
     "nsnet": _nsnet,
 }
 # Recipes with branches centred inside the k×k kernel need odd kernels and "same" padding.
-_CENTRED = {"repvgg", "acnet", "acnet+", "dbb", "mobileone", "nsnet"}
+_CENTRED = {"repvgg", "qarepvgg", "acnet", "acnet+", "dbb", "mobileone", "nsnet"}
+# Recipes whose layer ends in one BatchNorm over the branch sum.
+_POST_NORM = {"qarepvgg"}
 
 
 def list_recipes() -> list[str]:

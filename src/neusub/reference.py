@@ -93,14 +93,31 @@ def _value_at_zero(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, training: boo
 def branch_channels(layer: RepConv2d, branch: int) -> Tensor:
     """Indices of ``layer.bn``'s channels that belong to ``branch`` (in output-channel order).
 
-    The stacked BatchNorm orders its ``N·C_out`` channels as ``(groups, branch, C_out // groups)``.
+    The stacked BatchNorm orders its ``N·C_out`` channels as ``(groups, branch, C_out // groups)``,
+    leaving out those of branches without BN (``layer.normed_channels`` lists the kept ones).
     """
     groups, n, c_out = layer.geom.groups, layer.num_branches, layer.geom.out_channels
     per_group = c_out // groups
-    return torch.tensor(
-        [(g * n + branch) * per_group + c for g in range(groups) for c in range(per_group)],
-        device=layer.bn.weight.device if layer.bn.weight is not None else None,
-    )
+    full = torch.tensor([(g * n + branch) * per_group + c for g in range(groups) for c in range(per_group)])
+    if layer.normed_channels is not None:
+        full = torch.searchsorted(layer.normed_channels.cpu(), full)
+    return full.to(layer.bn.weight.device if layer.bn.weight is not None else None)
+
+
+def _post_norm(layer: RepConv2d, out: Tensor, training: bool) -> Tensor:
+    """The BatchNorm after the branch sum on streams ``(S', B, C, H, W)``, written out: the
+    statistics of the stream sum; stream s gets ``γ (y_s − μ/S') / σ + β/S'``."""
+    bn = layer.post_bn
+    momentum = _start_batch(bn, training)
+    total = out.sum(0)
+    if training or bn.running_mean is None:
+        mean, var = total.mean((0, 2, 3)), total.var((0, 2, 3), unbiased=False)
+        _batch_norm(bn, total, training, momentum)  # updates the running statistics
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    view = (-1, 1, 1)
+    scale = bn.weight.view(view) / torch.sqrt(var.view(view) + bn.eps)
+    return (out - mean.view(view) / out.shape[0]) * scale + bn.bias.view(view) / out.shape[0]
 
 
 # --------------------------------------------------------------------------- branch pieces
@@ -240,6 +257,10 @@ def literal_forward(layer: RepConv2d, x: Tensor, mixing: Tensor | None = None) -
     momentum = _start_batch(layer.bn, training)
     for j, (spec, module) in enumerate(zip(specs, modules)):
         outs = _branch_outputs(layer, spec, module, streams)
+        if not spec.norm:  # enters the sum as it is
+            for src, out in enumerate(outs):
+                pairs[src][j] = out
+            continue
         together = torch.cat(outs, 0)
         normed = _batch_norm(layer.bn, together, training, momentum, branch_channels(layer, j))
         for src, chunk in enumerate(normed.split([o.shape[0] for o in outs], 0)):
@@ -248,11 +269,15 @@ def literal_forward(layer: RepConv2d, x: Tensor, mixing: Tensor | None = None) -
     if layer.connectivity == "block":
         if s != 1:
             raise ValueError("connectivity='block' takes one stream")
-        return torch.stack(pairs[0]).sum(0)
-    if layer.connectivity == "naive":
-        return torch.stack([pairs[src][j] for src in range(s) for j in range(n)])
-    if mixing is None:
-        mixing = mixing_matrix(canonical_partition(s, n), s, n)
-    if mixing.shape[-3:] != (n, s, n) or mixing.dim() not in (3, 4):
-        raise ValueError(f"literal_forward: mixing must be (N, S, N) = {(n, s, n)} or (B, N, S, N)")
-    return _connect_ns(pairs, mixing)
+        out = torch.stack(pairs[0]).sum(0, keepdim=True)
+    elif layer.connectivity == "naive":
+        out = torch.stack([pairs[src][j] for src in range(s) for j in range(n)])
+    else:
+        if mixing is None:
+            mixing = mixing_matrix(canonical_partition(s, n), s, n)
+        if mixing.shape[-3:] != (n, s, n) or mixing.dim() not in (3, 4):
+            raise ValueError(f"literal_forward: mixing must be (N, S, N) = {(n, s, n)} or (B, N, S, N)")
+        out = _connect_ns(pairs, mixing)
+    if layer.post_bn is not None:
+        out = _post_norm(layer, out, layer.post_bn.training)
+    return out[0] if layer.connectivity == "block" else out

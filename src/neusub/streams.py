@@ -292,6 +292,22 @@ class StreamDropPath(StreamModule):
         return nn.Identity()
 
 
+def sum_batch_norm(streams: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """``bn`` on streams ``(S, B, C, ...)`` with the statistics of their sum: stream s gets
+    ``γ (x_s − μ/S) / σ + β/S``, so the streams sum to ``bn(Σ_s x_s)`` (running statistics
+    updated as ``bn`` would update them; a frozen BN uses its running ones)."""
+    if uses_batch_stats(bn):
+        total = streams.sum(0)
+        var, mean = torch.var_mean(total, dim=[d for d in range(total.dim()) if d != 1], correction=0)
+        if bn.training:
+            update_running_stats(bn, mean, var, total.numel() // total.shape[1])
+        scale, shift = bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
+    else:
+        scale, shift = running_affine(bn)
+    shape = (-1,) + (1,) * (streams.dim() - 3)
+    return torch.addcmul((shift / streams.shape[0]).view(shape), streams, scale.view(shape))
+
+
 class StreamBatchNorm2d(StreamModule):
     """BatchNorm with statistics of the stream sum; stream s gets ``γ(x_s − μ/S)/σ + β/S``.
 
@@ -308,19 +324,7 @@ class StreamBatchNorm2d(StreamModule):
     def forward_streams(self, x: Tensor) -> Tensor:
         if self.in_streams == 1 and x.dim() == 4:  # a plain tensor stays plain
             return self.forward_streams(x[None])[0]
-        x = self._bundle(x, plain_dim=4)
-        s = x.shape[0]
-        bn = self.bn
-        if uses_batch_stats(bn):  # the BN's own mode: frozen (eval) BN keeps its running statistics
-            total = x.sum(0)
-            mean = total.mean((0, 2, 3))
-            var = total.var((0, 2, 3), unbiased=False)
-            if bn.training:
-                update_running_stats(bn, mean, var, total.numel() // total.shape[1])
-            scale, shift = bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
-        else:
-            scale, shift = running_affine(bn)
-        return x * scale.view(-1, 1, 1) + (shift / s).view(-1, 1, 1)
+        return sum_batch_norm(self._bundle(x, plain_dim=4), self.bn)
 
     def fuse(self) -> nn.Module:
         bn = self.bn

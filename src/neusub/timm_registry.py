@@ -1,16 +1,25 @@
-"""Register every neusub model with timm as ``neusub_<name>``."""
+"""neusub's models in timm's registry as ``neusub_<name>``, without importing timm early.
+
+``import neusub`` imports neither torch nor timm (the CLI starts in well under a second), yet
+``timm.create_model("neusub_resnet18")`` must work after it. So every model is registered when
+:mod:`neusub.models` adds it (the models need timm anyway), and :func:`watch` makes sure that
+module is loaded as soon as timm is: right away if timm is already imported, else right after
+timm's own import finishes (an import hook that removes itself).
+"""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import sys
-
-from .models import create_model, list_models
 
 _OWN_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _entrypoint(name: str):
     def entry(pretrained: bool = False, **kwargs):
+        from .models import create_model
+
         if pretrained:
             raise ValueError(f"neusub_{name} has no pretrained weights; use pretrained=False")
         for key in _OWN_ARGS:
@@ -22,13 +31,44 @@ def _entrypoint(name: str):
     return entry
 
 
-def register_all() -> None:
+def register_with_timm(name: str) -> None:
+    """Make ``timm.create_model(f"neusub_{name}")`` build neusub's model ``name``."""
     try:
         from timm.models import register_model
-    except ImportError:  # timm is optional at import time
+    except ImportError:  # timm is optional for the layers
         return
-    module = sys.modules[__name__]
-    for name in list_models():
-        fn = _entrypoint(name)
-        setattr(module, fn.__name__, fn)
-        register_model(fn)
+    fn = _entrypoint(name)
+    setattr(sys.modules[__name__], fn.__name__, fn)
+    register_model(fn)
+
+
+def _load_models() -> None:
+    if "neusub.models" not in sys.modules:  # else it is loading now and registers as it goes
+        importlib.import_module("neusub.models")
+
+
+class _AfterTimm(importlib.abc.MetaPathFinder):
+    """Finds timm the usual way and runs :func:`_load_models` once timm's module has executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run = spec.loader.exec_module
+
+            def exec_module(module, run=run):
+                run(module)
+                _load_models()
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def watch() -> None:
+    """Register neusub's models with timm now if timm is loaded, else when it is."""
+    if "timm" in sys.modules:
+        _load_models()
+    elif not any(isinstance(finder, _AfterTimm) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterTimm())

@@ -13,10 +13,10 @@ import sys
 import threading
 
 from .. import __version__
-from .checkpoint import finite_json
 from .config import FIELD_TYPES, FIELDS, TrainConfig
 from .errors import CLIError, Stopped, Terminated, stop_code
-from .runfolder import describe_os_error
+
+# Only the standard library above: ``neusub --help`` and ``--version`` never import torch.
 
 
 def on_off(text: str) -> bool:
@@ -29,6 +29,8 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, typed from its annotation (checked there)."""
     for option in dataclasses.fields(TrainConfig):
         flag, text = f"--{option.name.replace('_', '-')}", option.metadata["help"]
+        if option.name not in ("preset", "resume") and "default" not in text:
+            text += f" (default: {option.default})"
         base, _ = FIELD_TYPES[option.name]
         if base is bool and option.default is False:
             train.add_argument(flag, action="store_true", default=None, help=text)
@@ -46,16 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="run folder (default runs/demo-<time>)")
     demo.add_argument("--fast", action="store_true", help="one epoch (for smoke tests)")
 
-    train = sub.add_parser("train", help="train a model (resumable)")
+    train = sub.add_parser(
+        "train", help="train a model (resumable)",
+        description="Train a model into a run folder (resumable with --resume). The defaults below fit a "
+        "short run; a preset (--preset, or the dataset's: cifar100 and imagefolder get the paper's "
+        "recipes, features the vlm one) replaces those it sets. config.json records what ran.",
+    )  # fmt: skip
     train.add_argument("--config", help="JSON or TOML file of settings; flags override it")
     _add_train_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt
 
-    ev = sub.add_parser("eval", help="validation accuracy of a checkpoint or deployed file")
-    ev.add_argument("checkpoint")
+    ev = sub.add_parser("eval", help="validation accuracy of a checkpoint, deployed file or exported .onnx")
+    ev.add_argument(
+        "checkpoint", help="run folder, last.pt, deployed.pt, or an .onnx file from neusub export"
+    )
     ev.add_argument("--dataset", help="the dataset to evaluate on (default: the run's)")
-    ev.add_argument("--data")
+    ev.add_argument("--data", help="dataset path (default: the run's)")
+    ev.add_argument(
+        "--samples", type=int, default=0, help="a fixed subset of this many images (default 0: all)"
+    )
+    as_trained = "evaluate a training checkpoint as trained, not deployed (slower, same outputs)"
+    ev.add_argument("--training-structure", action="store_true", help=as_trained)
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     dep = sub.add_parser("deploy", help="save the deployed (plain) network; prints the equivalence error")
     dep.add_argument("checkpoint")
@@ -64,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export the deployed network")
     exp.add_argument("checkpoint")
     exp.add_argument("--format", required=True, help="onnx | torchvision | torchscript")
-    exp.add_argument("--out")
+    exp.add_argument("--out", help="output file (default: beside the checkpoint)")
+    exp.add_argument(
+        "--int8", action="store_true", help="onnx: also write <out>.int8.onnx, quantized (static PTQ)"
+    )
+    calibration = "--int8: training inputs that calibrate the activation ranges (default 512)"
+    exp.add_argument("--calibration-samples", type=int, default=512, help=calibration)
 
     ana = sub.add_parser("analyze", help="similarity, kernels, block drop or topology of runs (PNG + JSON)")
     ana.add_argument("runs", nargs="+", metavar="RUN_OR_CKPT", help="run folders or checkpoints (compared)")
@@ -88,7 +108,10 @@ def _run(args: argparse.Namespace) -> dict:
         flags = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
         return commands.cmd_train(flags, args.config, progress=not args.quiet, stop_after=args.stop_after)
     if args.command == "eval":
-        return commands.cmd_eval(args.checkpoint, args.dataset, args.data)
+        return commands.cmd_eval(
+            args.checkpoint, args.dataset, args.data, args.samples, args.training_structure,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )  # fmt: skip
     if args.command == "deploy":
         return commands.cmd_deploy(args.checkpoint, args.out)
     if args.command == "analyze":
@@ -99,7 +122,7 @@ def _run(args: argparse.Namespace) -> dict:
         from .experiment import cmd_experiment
 
         return cmd_experiment(args.grid, args.out, args.jobs)
-    return commands.cmd_export(args.checkpoint, args.format, args.out)
+    return commands.cmd_export(args.checkpoint, args.format, args.out, args.int8, args.calibration_samples)
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -126,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         print("neusub: interrupted", file=sys.stderr)
         return stop_code(stop)
     except OSError as err:  # a file system refusal the command did not foresee
+        from .runfolder import describe_os_error
+
         print(f"neusub: error: {describe_os_error(err, 'use')}", file=sys.stderr)
         return 2
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
     if result:
+        from .checkpoint import finite_json
+
         print(finite_json(result, indent=2))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -21,8 +22,9 @@ from .config import (
     config_dict,
     config_from_dict,
     read_config_file,
+    short_run_warnings,
 )
-from .data import DataInfo, info_from_dict, load_dataset
+from .data import DataInfo, info_dict, info_from_dict, load_dataset
 from .errors import CLIError, Stopped, stop_code
 from .runfolder import ABSENT, CHECKPOINTED, EMPTY, STARTED, RunFolder
 from .train import (
@@ -116,6 +118,8 @@ def _train_in(
             atomic_save_json(config_dict(dataclasses.replace(cfg, resume=False)), folder.config_file)
         if status != CHECKPOINTED:  # a new run, or one stopped before its first checkpoint: from scratch
             atomic_write(folder.metrics, lambda handle: None)
+            for problem in short_run_warnings(cfg, trainer.steps_per_epoch):
+                print(f"neusub: warning: {problem}", file=sys.stderr)
         if progress and status == STARTED:
             print(
                 f"neusub: {folder.path} stopped before its first checkpoint; starting it again",
@@ -152,25 +156,71 @@ def _checkpoint_path(path: str) -> Path:
     return p / "last.pt" if p.is_dir() else p
 
 
+TORCHVISION_FORMAT = "neusub-torchvision-v1"  # `export --format torchvision`: a torchvision ResNet
+
+
 def load_run_model(path: str) -> tuple[nn.Module, TrainConfig, DataInfo, bool]:
-    """``(model, config, info, deployed?)`` from a training checkpoint or a deployed file."""
+    """``(model, config, info, deployed?)`` from a training checkpoint, a deployed file or a
+    torchvision export (then the model is the ``torchvision.models.ResNet``)."""
     file = _checkpoint_path(path)
-    ckpt = safe_load(file, (FORMAT, DEPLOYED_FORMAT))
-    deployed = ckpt["format"] == DEPLOYED_FORMAT
+    ckpt = safe_load(file, (FORMAT, DEPLOYED_FORMAT, TORCHVISION_FORMAT))
+    deployed = ckpt["format"] != FORMAT
     for key in ("config", "info", "state_dict" if deployed else "model"):
         if key not in ckpt:
             raise CLIError(f"{file} lacks {key!r}; it was not written by neusub (or was changed)")
     cfg = config_from_dict(ckpt["config"], f"{file}: config")
     info = info_from_dict(ckpt["info"], f"{file}: info")
     model = build_model(cfg, info)
-    if deployed:
+    if ckpt["format"] == DEPLOYED_FORMAT:
         model = deploy(model)
+    elif ckpt["format"] == TORCHVISION_FORMAT:
+        from ..export import to_torchvision
+
+        model = to_torchvision(model)  # the layout; the weights come from the file
     load_state(model, ckpt["state_dict"] if deployed else ckpt["model"], str(file))
     return model.eval(), cfg, info, deployed
 
 
-def cmd_eval(path: str, dataset: str | None, data: str | None) -> dict:
-    model, cfg, info, deployed = load_run_model(path)
+ONNX_CONFIG, ONNX_INFO = "neusub.config", "neusub.info"  # metadata keys of exported ONNX files
+
+
+def _load_onnx_model(path: str) -> tuple[object, TrainConfig, DataInfo, str]:
+    """``(callable, config, info, kind)`` of an ONNX file written by ``neusub export``."""
+    from .. import export
+
+    try:
+        model = export.OnnxModel(path)
+    except (ImportError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    if ONNX_CONFIG not in model.metadata or ONNX_INFO not in model.metadata:
+        raise CLIError(
+            f"{path} has no neusub run configuration in its metadata (it was not written by "
+            "neusub export); evaluate a file from neusub export, or the run's checkpoint"
+        )
+    try:
+        cfg = config_from_dict(json.loads(model.metadata[ONNX_CONFIG]), f"{path}: metadata")
+        info = info_from_dict(json.loads(model.metadata[ONNX_INFO]), f"{path}: metadata")
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{path}: its neusub metadata is not valid JSON ({err})") from None
+    return model, cfg, info, "onnx-int8" if model.quantized else "onnx"
+
+
+def cmd_eval(
+    path: str, dataset: str | None, data: str | None, samples: int = 0,
+    training_structure: bool = False, progress: bool = True,
+) -> dict:  # fmt: skip
+    """Validation metrics of a run, checkpoint, deployed / torchvision file or exported ONNX file.
+    A training checkpoint is evaluated deployed (the same function, at the plain network's cost)
+    unless ``training_structure``; ``samples`` > 0: a fixed subset of the validation set."""
+    if samples < 0:
+        raise CLIError(f"--samples {samples}: use a positive count, or 0 for the whole validation set")
+    if Path(path).suffix == ".onnx":
+        model, cfg, info, kind = _load_onnx_model(path)
+    else:
+        model, cfg, info, deployed = load_run_model(path)
+        kind = "deployed" if deployed else "training structure"
+        if not deployed and not training_structure:
+            model, kind = deploy(model), "deployed"
     if dataset is not None:
         check_value("dataset", dataset)
     cfg.dataset, cfg.data = dataset or cfg.dataset, data or cfg.data
@@ -182,16 +232,20 @@ def cmd_eval(path: str, dataset: str | None, data: str | None) -> dict:
             f"with {data_info.num_classes} classes; "
             "evaluate it on data like its training data (--dataset / --data)"
         )
-    loader = torch.utils.data.DataLoader(val_set, batch_size=256)
+    from tqdm.auto import tqdm
+
+    from .data import take_subset
+
+    loader = torch.utils.data.DataLoader(take_subset(val_set, samples), batch_size=256)
     correct = count = 0
     loss = 0.0
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in tqdm(loader, desc=f"eval ({kind})", disable=not progress, leave=False):
             logits = model(x)
             loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
-    return {"val_acc": correct / count, "val_loss": loss / count, "samples": count, "deployed": deployed}
+    return {"val_acc": correct / count, "val_loss": loss / count, "samples": count, "model": kind}
 
 
 def _example_input(info: DataInfo, batch: int = 4) -> torch.Tensor:
@@ -218,23 +272,48 @@ def cmd_deploy(path: str, out: str) -> dict:
 EXPORT_FORMATS = ("onnx", "torchvision", "torchscript")
 
 
-def cmd_export(path: str, fmt: str, out: str | None) -> dict:
+def _calibration_batches(cfg: TrainConfig, samples: int, batch: int = 64) -> list[torch.Tensor]:
+    """``samples`` training inputs of the run (its fixed subset, without augmentation)."""
+    from .data import take_subset
+
+    train_set, _, _ = load_dataset(cfg.dataset, cfg.data, config_dict(cfg), False, cfg.seed, augment=False)
+    subset = take_subset(take_subset(train_set, cfg.train_samples), samples)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch)
+    return [x for x, _ in loader]
+
+
+def cmd_export(
+    path: str, fmt: str, out: str | None, int8: bool = False, calibration_samples: int = 512
+) -> dict:
     from .. import export
 
     if fmt not in EXPORT_FORMATS:
         raise CLIError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise CLIError(f"--int8 quantizes ONNX files; use --format onnx (not {fmt})")
+    if int8 and calibration_samples < 1:
+        raise CLIError(f"--calibration-samples {calibration_samples}: calibration needs at least 1 sample")
     model, cfg, info, deployed = load_run_model(path)
     suffix = {"onnx": ".onnx", "torchvision": ".tv.pt", "torchscript": ".ts.pt"}[fmt]
     target = Path(out) if out else _checkpoint_path(path).with_suffix(suffix)
-    if target.exists():
-        raise CLIError(f"{target} already exists; choose another --out (nothing was overwritten)")
+    quantized = target.with_name(f"{target.stem}.int8{target.suffix or '.onnx'}")
+    for file in [target, quantized] if int8 else [target]:
+        if file.exists():
+            raise CLIError(f"{file} already exists; choose another --out (nothing was overwritten)")
     plain = model if deployed else deploy(model)
     example = _example_input(info, 1)
     if fmt == "onnx":
+        metadata = {ONNX_CONFIG: json.dumps(config_dict(cfg)), ONNX_INFO: json.dumps(info_dict(info))}
         try:
-            export.to_onnx(plain, target, tuple(example.shape))
+            export.to_onnx(plain, target, tuple(example.shape), metadata=metadata)
+            if int8:
+                batches = _calibration_batches(cfg, calibration_samples)
+                export.to_onnx_int8(target, quantized, batches)
         except ImportError as err:
             raise CLIError(str(err)) from None
+        if int8:
+            samples = sum(map(len, batches))
+            return {"out": str(target), "int8": str(quantized), "calibration_samples": samples, "format": fmt}
     elif fmt == "torchvision":
         if deployed:
             raise CLIError("torchvision export needs the training checkpoint (last.pt), not a deployed file")
@@ -242,7 +321,9 @@ def cmd_export(path: str, fmt: str, out: str | None) -> dict:
             tv = export.to_torchvision(model)
         except ValueError as err:
             raise CLIError(str(err)) from None
-        atomic_save({"arch": cfg.model, "state_dict": tv.state_dict()}, target)
+        state = {"format": TORCHVISION_FORMAT, "arch": cfg.model, "state_dict": tv.state_dict(),
+                 "config": config_dict(cfg), "info": info_dict(info)}  # fmt: skip
+        atomic_save(state, target)
     else:
         scripted = torch.jit.trace(plain, example)
         atomic_write(target, lambda handle: torch.jit.save(scripted, handle))

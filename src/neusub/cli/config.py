@@ -1,7 +1,9 @@
 """Training configuration: every option declared once, with its type, range and help.
 
-Precedence: preset < config file < command-line flags. Every source is checked against
-the declarations here (type, then range), so a bad value is a one-line error naming the
+Precedence: preset < config file < command-line flags. The preset is ``--preset`` or, when
+none is named, the dataset's own (:data:`DATASET_PRESETS`: the paper's Appendix B recipe for
+its datasets, none for the small ones, whose defaults here fit a short CPU run). Every source
+is checked against the declarations here (type, then range), so a bad value is a one-line error naming the
 option and what is allowed, wherever it comes from. The effective config is saved as
 ``config.json`` in the run folder.
 """
@@ -40,6 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         interpolation="bicubic", crop_pct=1.0, dataset="features", model="mlp_adapter",
     ),
 }  # fmt: skip
+# The preset a run gets when none is named: the paper's recipe for the paper's datasets only.
+DATASET_PRESETS: dict[str, str] = {"cifar100": "cifar100", "imagefolder": "imagenet", "features": "vlm"}
+MIN_STEPS = 50  # fewer optimizer steps than this train next to nothing: warn
 
 # ---------------------------------------------------------------------- range checks
 # A check gets the option's label (``--lr`` or ``'lr'``) and value; it returns None when the
@@ -141,20 +146,23 @@ class TrainConfig:
     guided: bool = option(True, "guided activation: on | off (off: the paper's ablation, deploy not exact)")
     width_mult: float = option(1.0, "channel width multiplier", between(0, 8, open_low=True))
     stem: str = option("cifar", "cifar | imagenet", one_of(("cifar", "imagenet")))
-    preset: str = option("cifar100", "the paper's Appendix B hyper-parameters", one_of(tuple(PRESETS)))
+    preset: str | None = option(
+        None, "the paper's Appendix B hyper-parameters: cifar100 | imagenet | vlm (default: the dataset's)",
+        one_of(tuple(PRESETS)),
+    )  # fmt: skip
     dataset: str = option("cifar100", "dataset name", one_of(_datasets))
     data: str | None = option(None, "dataset path")
     train_samples: int = option(0, "train on a fixed subset of this many samples (0: all)", at_least(0))
     val_samples: int = option(0, "validate on a fixed subset of this many samples (0: all)", at_least(0))
     download: bool = option(False, "download CIFAR")
-    epochs: int = option(100, "training epochs", between(1, 100_000))
+    epochs: int = option(10, "training epochs", between(1, 100_000))
     batch_size: int = option(128, "batch size per process (BatchNorm needs >= 2)", between(2, 1_000_000))
-    lr: float = option(3.5e-3, "peak learning rate", above(0))
-    opt: str = option("lamb", "timm optimizer name (lamb, adamw, sgd, ...)", one_of(_optimizers))
-    weight_decay: float = option(1e-2, "weight decay", at_least(0))
-    warmup_epochs: int = option(5, "linear warm-up epochs", at_least(0))
+    lr: float = option(3e-3, "peak learning rate", above(0))
+    opt: str = option("adamw", "timm optimizer name (adamw, lamb, sgd, ...)", one_of(_optimizers))
+    weight_decay: float = option(5e-2, "weight decay", at_least(0))
+    warmup_epochs: int = option(0, "linear warm-up epochs", at_least(0))
     warmup_lr: float = option(1e-5, "learning rate at the start of the warm-up", at_least(0))
-    min_lr: float = option(1e-6, "learning rate at the end of the cosine schedule", at_least(0))
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine schedule", at_least(0))
     img_size: int = option(32, "image size (imagefolder)", between(1, 4096))
     label_smoothing: float = option(0.0, "label smoothing", between(0, 1, open_high=True))
     auto_augment: str | None = option(None, "AutoAugment policy for CIFAR", one_of(("cifar10",)))
@@ -285,12 +293,34 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
-    """preset < config file < flags (flags given as ``None`` are not set); every value checked."""
+    """preset < config file < flags (flags given as ``None`` are not set); every value checked.
+    The preset is the one named, else the dataset's (:data:`DATASET_PRESETS`), else none."""
     flag_values = {k: v for k, v in flag_values.items() if v is not None}
-    name = flag_values.get("preset") or file_values.get("preset") or TrainConfig.preset
-    check_value("preset", name)
-    values: dict[str, Any] = {"preset": name, **PRESETS[name], **file_values, **flag_values}
+    named = flag_values.get("preset") or file_values.get("preset")
+    if named is not None:
+        check_value("preset", named)
+    given = {**file_values, **flag_values}
+    dataset = given.get("dataset") or (PRESETS[named]["dataset"] if named else TrainConfig.dataset)
+    name = named or DATASET_PRESETS.get(dataset)
+    values: dict[str, Any] = {**(PRESETS[name] if name else {}), **given, "preset": name}
     return TrainConfig(**{key: check_value(key, value) for key, value in values.items()})
+
+
+def short_run_warnings(cfg: TrainConfig, steps_per_epoch: int) -> list[str]:
+    """What makes a run train next to nothing: a warm-up as long as the run, too few steps."""
+    problems = []
+    if cfg.warmup_epochs >= cfg.epochs and cfg.warmup_epochs > 0:
+        problems.append(
+            f"the warm-up ({cfg.warmup_epochs} epochs) is as long as the run ({cfg.epochs}): the learning "
+            f"rate never reaches --lr={cfg.lr:g}; pass --warmup-epochs below --epochs"
+        )
+    steps = steps_per_epoch * cfg.epochs
+    if steps < MIN_STEPS:
+        problems.append(
+            f"only {steps} optimizer steps ({steps_per_epoch} per epoch × {cfg.epochs} epochs at "
+            f"--batch-size={cfg.batch_size}): too few to learn much; lower --batch-size or raise --epochs"
+        )
+    return problems
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -50,6 +50,11 @@ class DataInfo:
     kind: str  # "image" or "features"
 
 
+def info_dict(info: DataInfo) -> dict:
+    return {"num_classes": info.num_classes, "in_chans": info.in_chans,
+            "input_shape": list(info.input_shape), "kind": info.kind}  # fmt: skip
+
+
 def info_from_dict(values: object, where: str) -> DataInfo:
     """A ``DataInfo`` from a checkpoint, its values checked (a crafted file cannot ask for absurd sizes)."""
     try:
@@ -200,9 +205,10 @@ def read_image(path: str):
 
 
 def load_dataset(
-    dataset: str, path: str | None, preset: dict, download: bool = False, seed: int = 0
+    dataset: str, path: str | None, preset: dict, download: bool = False, seed: int = 0, augment: bool = True
 ) -> tuple[Dataset, Dataset, DataInfo]:
-    """``(train, val, info)`` for one of :data:`DATASETS`."""
+    """``(train, val, info)`` for one of :data:`DATASETS`; ``augment=False``: the training split
+    with the validation transforms (e.g. INT8 calibration)."""
     if dataset not in DATASETS:
         raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset == "digits":
@@ -229,14 +235,14 @@ def load_dataset(
             train_set, val_set = (
                 datasets.ImageFolder(str(Path(path) / split), _image_transforms(dataset, preset, train),
                                      loader=read_image)
-                for split, train in (("train", True), ("val", False))
+                for split, train in (("train", augment), ("val", False))
             )  # fmt: skip
         except (FileNotFoundError, OSError) as err:  # a class folder without images, unreadable folders
             raise _missing(dataset, path, f" ({str(err).splitlines()[0][:160]})") from None
         size = preset.get("img_size", 224)
         return train_set, val_set, DataInfo(len(train_set.classes), 3, (3, size, size), "image")
     try:
-        train_set = make(**kwargs(True), transform=_image_transforms(dataset, preset, True))
+        train_set = make(**kwargs(True), transform=_image_transforms(dataset, preset, augment))
         val_set = make(**kwargs(False), transform=_image_transforms(dataset, preset, False))
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise _missing(dataset, str(path), f" ({err})") from None

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .. import create_model, deploy
 from .checkpoint import FORMAT, atomic_save, atomic_write, finite_json, rng_state, safe_load, set_rng_state
 from .config import TrainConfig, config_dict
-from .data import DataInfo, SeededBatches, load_dataset, take_subset
+from .data import DataInfo, SeededBatches, info_dict, load_dataset, take_subset
 from .errors import CLIError
 from .runfolder import METRICS
 
@@ -113,11 +113,6 @@ def load_state(model: nn.Module, state: object, where: str) -> None:
         f"{where} does not fit the model its config describes: keys {'; '.join(parts)}; "
         "it was made with other settings (another recipe or model?) or changed after it was written"
     )
-
-
-def info_dict(info: DataInfo) -> dict:
-    return {"num_classes": info.num_classes, "in_chans": info.in_chans,
-            "input_shape": list(info.input_shape), "kind": info.kind}  # fmt: skip
 
 
 def _seed_everything(seed: int) -> None:

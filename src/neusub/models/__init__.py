@@ -1,8 +1,8 @@
 """Model registry: ``create_model(name, recipe=..., connectivity=...)`` and ``list_models()``.
 
 Each entry is ``name -> (builder, default recipe)``; a builder takes a
-:class:`LayerFactory` and the remaining keyword arguments. ``import neusub``
-also registers every model with timm as ``neusub_<name>``.
+:class:`LayerFactory` and the remaining keyword arguments. Every model, including one a user
+adds with :func:`register`, is registered with timm as ``neusub_<name>``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..layers import set_recompute
+from ..timm_registry import register_with_timm
 from .factory import LayerFactory
 from .mlp_adapter import build_mlp_adapter
 from .mobilenet import build_mobilenet_v1
@@ -20,15 +21,17 @@ from .resnet import RESNETS, build_resnet
 
 Builder = Callable[..., nn.Module]
 
-_MODELS: dict[str, tuple[Builder, str]] = {
-    name: (lambda f, _name=name, **kw: build_resnet(_name, f, **kw), "nsnet") for name in RESNETS
-}
+_MODELS: dict[str, tuple[Builder, str]] = {}
 
 
 def register(name: str, builder: Builder, default_recipe: str = "nsnet") -> None:
-    """Add a model: ``builder(factory, **kwargs) -> nn.Module``."""
+    """Add a model: ``builder(factory, **kwargs) -> nn.Module``; timm builds it as ``neusub_<name>``."""
     _MODELS[name] = (builder, default_recipe)
+    register_with_timm(name)
 
+
+for _name in RESNETS:
+    register(_name, lambda f, _name=_name, **kw: build_resnet(_name, f, **kw), "nsnet")
 
 register("mobilenet_v1", build_mobilenet_v1, "nsnet")
 for _name in MOBILEONES:

@@ -1,0 +1,118 @@
+"""A newcomer's first hour: defaults that fit the dataset, warnings for runs too short to learn,
+saved models that load with ``neusub.load``, a command line that starts fast, eval that is quick."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import neusub
+from neusub.cli import main
+from neusub.cli.config import PRESETS, build_config
+
+TINY = [
+    "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.0625", "--recipe", "repvgg",
+    "--train-samples", "256", "--val-samples", "64", "--batch-size", "64", "--epochs", "1", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("newcomer") / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_small_datasets_get_no_paper_preset():
+    for dataset in ("fashion-mnist", "digits", "cifar10"):
+        cfg = build_config({}, {"dataset": dataset})
+        assert cfg.preset is None and cfg.batch_size == 128 and cfg.opt == "adamw" and cfg.epochs == 10
+        assert cfg.warmup_epochs == 0 and cfg.drop_path == 0.0 and cfg.auto_augment is None
+    paper = build_config({}, {})  # the default dataset, cifar100, keeps the paper's recipe
+    assert paper.preset == "cifar100" and paper.batch_size == PRESETS["cifar100"]["batch_size"]
+    asked = build_config({}, {"dataset": "fashion-mnist", "preset": "cifar100", "batch_size": 64})
+    assert asked.preset == "cifar100" and asked.opt == "lamb" and asked.batch_size == 64  # flags win
+    assert build_config({}, {"dataset": "features"}).preset == "vlm"
+
+
+def test_train_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--epochs EPOCHS training epochs (default: 10)", "(default: adamw)", "(default: 128)"):
+        assert shown in text
+
+
+def test_config_json_records_what_ran(run: Path):
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["preset"] is None and saved["auto_augment"] is None and saved["epochs"] == 1
+
+
+def test_short_runs_warn(tmp_path: Path, capsys):
+    args = ["train", *TINY, "--warmup-epochs", "1", "--out", str(tmp_path / "short")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: the warm-up (1 epochs) is as long as the run (1)" in err
+    assert "warning: only 4 optimizer steps" in err
+
+
+def test_load_every_saved_file(run: Path, tmp_path: Path, capsys):
+    x = torch.randn(3, 1, 8, 8)
+    trained = neusub.load(run)
+    assert isinstance(trained, torch.nn.Module) and not trained.training
+    deployed = neusub.load(run / "deployed.pt")
+    assert main(["export", str(run), "--format", "torchvision", "--out", str(tmp_path / "m.tv.pt")]) == 0
+    tv = neusub.load(tmp_path / "m.tv.pt")
+    import torchvision
+
+    assert isinstance(tv, torchvision.models.ResNet)
+    with torch.no_grad():
+        expected = trained(x)
+        for other in (deployed, tv):
+            assert float((other(x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="does not exist"):
+        neusub.load(tmp_path / "missing.pt")
+
+
+def test_the_command_line_starts_without_torch():
+    code = "import sys, neusub.cli as c; c.build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "neusub", "--help"], capture_output=True, check=True)
+    assert time.perf_counter() - start < 2.0  # was ~11 s when timm and torchvision loaded first
+
+
+def test_timm_sees_neusub_models_whichever_is_imported_first():
+    for code in ("import neusub, timm", "import timm, neusub"):
+        check = f"{code}; print(timm.create_model('neusub_resnet18', width_mult=0.0625).__class__.__name__)"
+        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "ResNet", code
+
+
+def test_models_registered_later_reach_timm():
+    import timm
+
+    from neusub.models import register
+    from neusub.models.mlp_adapter import build_mlp_adapter
+
+    register("late_adapter", build_mlp_adapter)
+    assert "neusub_late_adapter" in timm.list_models("neusub_*")
+
+
+def test_eval_is_deployed_by_default_with_samples(run: Path, capsys):
+    assert main(["eval", str(run), "--samples", "50"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["model"] == "deployed" and fast["samples"] == 50
+    assert main(["eval", str(run), "--samples", "50", "--training-structure"]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert slow["model"] == "training structure" and slow["val_acc"] == fast["val_acc"]
+    assert slow["val_loss"] == pytest.approx(fast["val_loss"], rel=1e-5)
+    assert main(["eval", str(run), "--samples", "-1"]) == 2
