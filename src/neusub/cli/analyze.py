@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import analysis, deploy
+from ..models import default_recipe
 from .checkpoint import atomic_save_json
 from .commands import load_run_model
 from .config import TrainConfig, config_dict
@@ -26,7 +27,7 @@ ANALYSES = ("similarity", "kernels", "block-drop", "topology")
 
 def run_label(cfg: TrainConfig) -> str:
     """``dbb ns+stoch`` / ``nsnet block`` / ``nsnet ns unguided``: how a run is named in plots and tables."""
-    label = f"{cfg.recipe or 'default'} {cfg.connectivity}"
+    label = f"{cfg.recipe or default_recipe(cfg.model)} {cfg.connectivity}"
     if cfg.connectivity != "block" and cfg.stochastic > 0:
         label += "+stoch" if cfg.stochastic == 1 else f"+stoch{cfg.stochastic:g}"
     if not cfg.guided:
@@ -124,24 +125,33 @@ def _plot_similarity(runs: dict[str, dict]):
 
 
 def _plot_kernels(runs: dict[str, dict]):
+    """One row per run for the deployed kernels, then one per branch (before fusion)."""
     plt = _pyplot()
     stages = sorted({s for run in runs.values() for s in run["stages"]})
+    rows = []  # (row label, run, branch or None for the fused kernel)
+    for label, run in runs.items():
+        branches = dict.fromkeys(b for stage in run["stages"].values() for b in stage["branches"])
+        rows += [(f"{label}: deployed", run, None), *((f"{label}: {b}", run, b) for b in branches)]
     fig, axes = plt.subplots(
-        len(runs), len(stages), figsize=(2.2 * len(stages), 2.3 * len(runs)), squeeze=False
+        len(rows), len(stages), figsize=(2.2 * len(stages), 2.1 * len(rows)), squeeze=False
     )
-    for row, (label, run) in enumerate(runs.items()):
+    for row, (label, run, branch) in enumerate(rows):
         for col, stage in enumerate(stages):
             ax = axes[row][col]
             ax.set_xticks([])
             ax.set_yticks([])
-            if stage in run["stages"]:
-                image = ax.imshow(run["stages"][stage]["fused"], cmap="viridis")
+            entry = run["stages"].get(stage, {})
+            kernel = entry.get("fused") if branch is None else entry.get("branches", {}).get(branch)
+            if kernel is not None:
+                image = ax.imshow(kernel, cmap="viridis")
                 fig.colorbar(image, ax=ax, fraction=0.046)
             if row == 0:
                 ax.set_title(stage, fontsize=9)
             if col == 0:
-                ax.set_ylabel(label, fontsize=8)
-    fig.suptitle("deployed k×k kernels: mean |w| per position (each layer normalised to sum 1)", fontsize=9)
+                ax.set_ylabel(label, fontsize=7)
+    fig.suptitle(
+        "k×k kernels, deployed and per branch: mean |w| per position (each layer sums to 1)", fontsize=9
+    )
     fig.tight_layout()
     return fig
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -325,8 +326,10 @@ def cmd_export(
                  "config": config_dict(cfg), "info": info_dict(info)}  # fmt: skip
         atomic_save(state, target)
     else:
-        scripted = torch.jit.trace(plain, example)
-        atomic_write(target, lambda handle: torch.jit.save(scripted, handle))
+        with warnings.catch_warnings():  # TorchScript's deprecation notices: the file is still what was asked
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.trace(plain, example)
+            atomic_write(target, lambda handle: torch.jit.save(scripted, handle))
     return {"out": str(target), "format": fmt}
 
 

@@ -138,7 +138,10 @@ class TrainConfig:
         None, "recipe (neusub.list_recipes()); default: the model's", one_of(_recipes)
     )
     connectivity: str = option("ns", "block | ns | naive", one_of(_connectivities))
-    stochastic: float = option(0.0, "probability of re-drawing the NS partition per step", between(0, 1))
+    stochastic: float | None = option(
+        None, "probability of re-drawing the NS partition per step (default: 1.0 under ns, as the paper)",
+        between(0, 1),
+    )  # fmt: skip
     neural_drop: float = option(
         0.0, "probability of dropping a (stream, branch) pair", between(0, 1, open_high=True)
     )
@@ -303,7 +306,12 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Tr
     dataset = given.get("dataset") or (PRESETS[named]["dataset"] if named else TrainConfig.dataset)
     name = named or DATASET_PRESETS.get(dataset)
     values: dict[str, Any] = {**(PRESETS[name] if name else {}), **given, "preset": name}
-    return TrainConfig(**{key: check_value(key, value) for key, value in values.items()})
+    cfg = TrainConfig(**{key: check_value(key, value) for key, value in values.items()})
+    if cfg.stochastic is None:  # recorded as what runs
+        from ..models import default_stochastic
+
+        cfg.stochastic = default_stochastic(cfg.connectivity)
+    return cfg
 
 
 def short_run_warnings(cfg: TrainConfig, steps_per_epoch: int) -> list[str]:

@@ -371,8 +371,14 @@ class Trainer:
             n = self.batches.set_epoch(self.epoch)
             loader = self._loader(self.batches, batch_size=None, sampler=range(self.step, n))
             start = time.perf_counter()
-            bar = tqdm(loader, total=n, initial=self.step, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                       disable=not (self.progress and self.env.main), leave=False)  # fmt: skip
+            bar = tqdm(
+                loader,
+                total=n,
+                initial=self.step,
+                desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                disable=not (self.progress and self.env.main and sys.stderr.isatty()),
+                leave=False,
+            )  # fmt: skip  (a bar only on a terminal: logs stay readable)
             for x, y in bar:
                 self.train_step(x, y)
                 self.step += 1
@@ -428,10 +434,12 @@ def write_plot(run_dir: Path) -> Path | None:
         return None
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [r["train_loss"] for r in records], label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in records], label="val")
-    ax_acc.plot(epochs, [r["train_acc"] for r in records], label="train")
-    ax_acc.plot(epochs, [r["val_acc"] for r in records], label="val")
+    for split in ("train", "val"):  # markers: a one-epoch run is one point per curve
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in records], marker="o", label=split)
+        ax_acc.plot(epochs, [r[f"{split}_acc"] for r in records], marker="o", label=split)
+    losses = [r[key] for r in records for key in ("train_loss", "val_loss")]
+    if all(isinstance(v, float) and v > 0 for v in losses):
+        ax_loss.set_yscale("log")  # one early outlier would flatten a linear axis
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_title(title)

@@ -39,6 +39,16 @@ for _name in MOBILEONES:
 register("mlp_adapter", build_mlp_adapter, "nsnet")
 
 
+def default_stochastic(connectivity: str) -> float:
+    """The paper's choice: NS always with stochastic substitution (1.0); nothing to draw otherwise."""
+    return 1.0 if connectivity == "ns" else 0.0
+
+
+def default_recipe(name: str) -> str:
+    """The recipe ``create_model(name)`` uses when none is given."""
+    return _MODELS[name][1]
+
+
 def list_models() -> list[str]:
     return sorted(_MODELS)
 
@@ -47,7 +57,7 @@ def create_model(
     name: str,
     recipe: str | None = None,
     connectivity: str = "ns",
-    stochastic: float = 0.0,
+    stochastic: float | None = None,
     neural_drop: float = 0.0,
     num_classes: int = 1000,
     stem: str = "imagenet",
@@ -62,11 +72,14 @@ def create_model(
 
     ``recompute=True`` trades one more conv per layer in backward for memory (see
     :func:`neusub.layers.set_recompute`). ``guided=False`` activates every stream on its
-    own (the paper's ablation; the deployed network is then *not* equivalent)."""
+    own (the paper's ablation; the deployed network is then *not* equivalent). ``stochastic``
+    defaults to 1.0 under ``connectivity="ns"`` (the paper's code always re-draws the partition:
+    its NS results are NS with stochastic substitution), else 0."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    builder, default_recipe = _MODELS[name]
-    factory = LayerFactory(recipe or default_recipe, connectivity, stochastic, neural_drop, act, guided)
+    builder, fallback = _MODELS[name]
+    stochastic = default_stochastic(connectivity) if stochastic is None else stochastic
+    factory = LayerFactory(recipe or fallback, connectivity, stochastic, neural_drop, act, guided)
     try:
         model = builder(
             factory, num_classes=num_classes, stem=stem, drop_path_rate=drop_path_rate,
