@@ -100,7 +100,7 @@ def test_experiment_resumes_and_refuses_changed_settings(experiment: Path, capsy
     assert "made with other settings" in err and "'lr'" in err
 
 
-@pytest.mark.parametrize("what", ["similarity", "kernels", "block-drop", "topology"])
+@pytest.mark.parametrize("what", ["similarity", "kernels", "block-drop", "topology", "statistics"])
 def test_analyze_writes_json_and_png_comparing_runs(experiment: Path, tmp_path: Path, what: str):
     runs = sorted(p.parent for p in (experiment / "out" / "runs").glob("*repvgg*seed=0/result.json"))
     result = run_cli("analyze", *map(str, runs), "--what", what, "--out", str(tmp_path), "--samples", "64")
@@ -115,6 +115,11 @@ def test_analyze_writes_json_and_png_comparing_runs(experiment: Path, tmp_path: 
         assert set(run["stages"]) == {"layer1", "layer2", "layer3", "layer4"}
     elif what == "block-drop":
         assert len(run["blocks"]) == 5 and 0.0 <= run["baseline"] <= 1.0
+    elif what == "statistics":
+        for when in ("init", "trained"):
+            assert len(run[when]) == 16 and run[when][0]["streams"] == 1
+            assert all(b["ratio"] == 1.0 for r in data["repvgg block"][when] for b in r["branches"].values())
+        assert any(b["ratio"] != 1.0 for r in run["trained"] for b in r["branches"].values())
     else:
         assert run["totals"]["paths"]["block"] == 16 * 3 - 3  # identity branch dropped where strided
 

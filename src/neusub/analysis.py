@@ -7,6 +7,9 @@
 - :func:`block_drop`: accuracy with each identity-shortcut residual block removed (Fig. 6b).
 - :func:`topology`: streams, computed pairs and distinct branch paths per layer under
   block, ns and naive connectivity (§3, Eq. 4).
+- :func:`branch_statistics`: per layer and branch, the std a branch's BatchNorm normalises
+  with under NS (pooled over its input streams) over the std it would have under block
+  connectivity (of the stream sum), and how much random partitions move it.
 
 All take models as built by :func:`neusub.create_model`; results are plain dicts
 and lists (JSON-ready).
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -71,8 +76,10 @@ def branch_similarity(model: nn.Module, x: Tensor) -> list[dict]:
             )
 
         results[name] = {"layer": name, "branches": layer.num_branches, "streams": layer.out_streams}
+        results[name]["branch"] = None  # branches without BN (qarepvgg) never pass the stacked BN
         layer.group_block_branches = False  # every pair through the stacked BN, where the hook sees it
-        handles.append(layer.bn.register_forward_hook(on_pairs))
+        if layer.normed_channels is None:
+            handles.append(layer.bn.register_forward_hook(on_pairs))
         handles.append(layer.register_forward_hook(on_output))
 
     for name, layer in rep_layers(model):
@@ -224,3 +231,67 @@ def topology(model: nn.Module) -> dict:
         "log10_partitions_per_step": sum(row["ns"]["log10_partitions"] for row in rows),
     }
     return {"layers": rows, "totals": totals}
+
+
+@torch.no_grad()
+def branch_statistics(model: nn.Module, x: Tensor, partitions: int = 8, seed: int = 0) -> list[dict]:
+    """How NS changes what each branch's BatchNorm divides by, on input ``x``.
+
+    With guided activations every op after a layer sees only stream sums, except the outer
+    BatchNorm of each branch: under NS its statistics are pooled over the branch's S input
+    streams (``σ_pooled``), under block connectivity the branch sees their sum (``σ_sum``). Per
+    layer and branch: ``ratio`` = ``σ_pooled / σ_sum`` per channel, averaged over channels (1 for
+    one input stream; ``1/√S`` for independent streams of equal spread, ``1/S`` for identical
+    ones); measured in training mode on a copy of ``model`` (its running statistics untouched),
+    over ``partitions`` forwards with freshly drawn partitions (stochastic substitution):
+    ``ratio`` is their mean, ``spread`` their standard deviation. Branches without a BatchNorm
+    (``qarepvgg``'s 1×1 and identity) are left out.
+    """
+    work = copy.deepcopy(model).train()
+    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
+    layers = rep_layers(work, 1)
+    if not layers:
+        raise ValueError("branch_statistics: the model has no re-parameterized layer")
+
+    def watch(name: str, layer: _RepLayer):
+        layer.group_block_branches = False  # every branch through the stacked BN, where the hook sees it
+        layer.recompute = False
+        n, per_group = layer.num_branches, layer.geom.out_channels // layer.geom.groups
+        channels = layer.normed_channels
+        if channels is None:
+            channels = torch.arange(n * layer.geom.out_channels)
+        branch_of = (channels.cpu() // per_group) % n
+
+        def on_input(bn: nn.Module, args) -> None:
+            z = args[0].double()  # (S·rows, channels, ...): the branches' outputs before their BN
+            streams = z.reshape(layer.in_streams, -1, *z.shape[1:])
+            pooled = streams.std(dim=[d for d in range(streams.dim()) if d != 2], correction=0)
+            total = streams.sum(0)
+            summed = total.std(dim=[d for d in range(total.dim()) if d != 1], correction=0)
+            ratio = (pooled / summed.clamp_min(1e-300)).cpu()
+            for j, branch in enumerate(layer.branches):
+                chosen = branch_of == j
+                if chosen.any():
+                    ratios[(name, branch)].append(float(ratio[chosen].mean()))
+
+        return layer.bn.register_forward_pre_hook(on_input)
+
+    handles = [watch(name, layer) for name, layer in layers]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for draw in range(partitions):
+                torch.manual_seed(seed + draw)
+                work(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    results = []
+    for name, layer in layers:
+        branches = {}
+        for branch in layer.branches:
+            values = ratios.get((name, branch))
+            if values:
+                spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+                branches[branch] = {"ratio": statistics.fmean(values), "spread": spread}
+        results.append({"layer": name, "streams": layer.in_streams, "branches": branches})
+    return results

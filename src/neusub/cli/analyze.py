@@ -1,4 +1,4 @@
-"""``neusub analyze RUN [RUN ...] --what similarity|kernels|block-drop|topology``.
+"""``neusub analyze RUN [RUN ...] --what similarity|kernels|block-drop|topology|statistics``.
 
 Each analysis of :mod:`neusub.analysis` on one or more runs (run folders or
 checkpoints), written as ``<what>.json`` and ``<what>.png`` into ``--out``
@@ -8,6 +8,7 @@ by recipe and connectivity, so NS and block runs can be compared side by side.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from .errors import CLIError
 from .runfolder import describe_os_error
 from .train import build_model
 
-ANALYSES = ("similarity", "kernels", "block-drop", "topology")
+ANALYSES = ("similarity", "kernels", "block-drop", "topology", "statistics")
 
 
 def run_label(cfg: TrainConfig) -> str:
@@ -53,6 +54,13 @@ def _analyze_one(path: str, what: str, samples: int) -> tuple[str, dict]:
             result: dict = {"layers": analysis.branch_similarity(model, x)}
         elif what == "kernels":
             result = {"stages": analysis.kernel_magnitudes(model)}
+        elif what == "statistics":  # the trained network and the same run's network at initialisation
+            x = val_batches(cfg, min(samples, 256))[0][0]
+            torch.manual_seed(cfg.seed)
+            result = {
+                "trained": analysis.branch_statistics(model, x),
+                "init": analysis.branch_statistics(build_model(cfg, info), x),
+            }
         elif what == "block-drop":
             plain = model if deployed else deploy(model)
             result = analysis.block_drop(plain, val_batches(cfg, samples))
@@ -200,9 +208,33 @@ def _plot_topology(runs: dict[str, dict]):
     return fig
 
 
+def _plot_statistics(runs: dict[str, dict]):
+    """Per run, σ_pooled / σ_sum per layer, averaged over branches (bars: spread over partitions)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    for i, (label, run) in enumerate(runs.items()):
+        for when, style in (("init", ":"), ("trained", "-")):
+            layers = [r for r in run[when] if r["branches"]]
+            means = [statistics.fmean(b["ratio"] for b in r["branches"].values()) for r in layers]
+            spreads = [statistics.fmean(b["spread"] for b in r["branches"].values()) for r in layers]
+            depth = range(1, len(layers) + 1)
+            ax.errorbar(depth, means, yerr=spreads, linestyle=style, marker="o", ms=3, capsize=2,
+                        color=f"C{i}", label=f"{label} ({when})")  # fmt: skip
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("re-parameterized layer (depth)")
+    ax.set_ylabel("σ pooled over streams / σ of the stream sum")
+    ax.set_title("what each branch's BatchNorm divides by under NS, relative to block (mean over branches)",
+                 fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 PLOTS = {
     "similarity": _plot_similarity,
     "kernels": _plot_kernels,
     "block-drop": _plot_block_drop,
     "topology": _plot_topology,
+    "statistics": _plot_statistics,
 }
