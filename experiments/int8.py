@@ -123,7 +123,10 @@ def tables(rows: list[dict]) -> str:
         "| drop, per-tensor weights | w_outlier | w_spread | a_outlier |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for (recipe, setting), group in groups.items():
+    order = ["plain", "repvgg", "qarepvgg", "dbb", "nsnet"]
+    for (recipe, setting), group in sorted(
+        groups.items(), key=lambda item: (order.index(item[0][0]) if item[0][0] in order else 99, item[0])
+    ):
 
         def column(key: str, group: list[dict] = group) -> list[float]:
             return [r[key] for r in group]
