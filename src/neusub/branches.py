@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +26,27 @@ class Moments:
     """Channel statistics of a layer input over all streams, batch and positions.
 
     The covariance is kept per group of a grouped layer (only the diagonal blocks of the
-    full matrix ever enter a grouped composition): ``(G, C/G, C/G)``, ``G = 1`` when dense."""
+    full matrix ever enter a grouped composition): ``(G, C/G, C/G)``, ``G = 1`` when dense;
+    it is computed on first use, from ``rows``, the input itself as ``(G, C/G, count)``."""
 
     mean: Tensor  # (C,)
-    cov: Tensor  # (G, C/G, C/G), biased, from centred inputs
+    rows: Tensor  # (G, C/G, count)
     count: int
+
+    @cached_property
+    def cov(self) -> Tensor:
+        """``(G, C/G, C/G)``, biased, from centred inputs."""
+        return _Covariance.apply(self.rows)
+
+    def projected_variance(self, weight: Tensor) -> Tensor:
+        """``diag(W Σ Wᵀ)`` for ``weight`` ``(G, M/G, C/G)``: the variance of each output of a
+        1×1 conv over the input, ``(M,)``. Through Σ costs ``M·C²/G`` (and Σ itself ``n·C²/G``);
+        from the rows ``n·M·C/G``, cheaper when there are fewer rows than channels (an MLP)."""
+        groups, outputs, channels = weight.shape
+        if self.count * outputs < (self.count + outputs) * channels and "cov" not in self.__dict__:
+            projected = weight @ self.rows  # (G, M/G, n)
+            return projected.var(dim=2, correction=0).flatten()
+        return ((weight @ self.cov) * weight).sum(-1).flatten()
 
 
 class _Covariance(torch.autograd.Function):
@@ -59,7 +76,7 @@ def input_moments(x: Tensor, groups: int = 1) -> Moments:
     with the covariance of each of ``groups`` channel groups."""
     rows = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() > 2 else x  # a view for channels_last
     flat = rows.T.reshape(groups, x.shape[1] // groups, rows.shape[0])  # (G, C/G, rows)
-    return Moments(rows.mean(0), _Covariance.apply(flat), rows.shape[0])
+    return Moments(rows.mean(0), flat, rows.shape[0])
 
 
 def _conv_weight(out_ch: int, in_per_group: int, kernel: tuple[int, int]) -> nn.Parameter:
@@ -120,7 +137,7 @@ class SequentialBranch(nn.Module):
         groups = moments.cov.shape[0]
         w1 = self.conv1.reshape(groups, -1, self.conv1.shape[1])  # (G, M/G, C_in/G)
         mean = (w1 @ moments.mean.reshape(groups, -1, 1)).flatten()
-        var = ((w1 @ moments.cov) * w1).sum(-1).flatten()  # diag(W₁ Σ W₁ᵀ), group by group
+        var = moments.projected_variance(w1)  # diag(W₁ Σ W₁ᵀ), group by group
         if bn.training:
             update_running_stats(bn, mean, var, moments.count)
         return fusion.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
