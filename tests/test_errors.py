@@ -19,8 +19,9 @@ from neusub import (
     StreamMerge,
     StreamSequential,
 )
+from neusub.recipes import RECIPES
 
-CENTRED = ["repvgg", "acnet", "acnet+", "dbb", "mobileone", "nsnet"]
+CENTRED = [name for name, entry in RECIPES.items() if entry.centred]
 
 
 # --------------------------------------------------------------------------- names

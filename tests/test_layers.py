@@ -23,18 +23,11 @@ from torch import Tensor, nn
 
 import neusub
 from neusub import RepConv2d, RepLinear
+from neusub.recipes import RECIPES as RECIPE_ENTRIES
 from neusub.recipes import Geometry, build_branches
 
 RECIPES = neusub.list_recipes()
-CENTRED = {
-    "repvgg",
-    "qarepvgg",
-    "acnet",
-    "acnet+",
-    "dbb",
-    "mobileone",
-    "nsnet",
-}  # need odd k and same padding
+CENTRED = {name for name, entry in RECIPE_ENTRIES.items() if entry.centred}  # odd k, same padding
 
 # id: (connectivity, in_streams, stochastic, neural_drop, 1-stream input given as a 5-D bundle)
 CONNECTIVITY = {
@@ -495,3 +488,24 @@ def test_block_groups_equal_one_stacked_conv(recipe, stride):
         assert torch.equal(ba, bb) if name.endswith("num_batches_tracked") else rel_err(ba, bb) < 1e-12, name
     grouped.eval(), stacked.eval()
     assert rel_err(grouped(x), stacked(x)) < 1e-12
+
+
+def test_a_registered_recipe_is_a_recipe_everywhere():
+    from neusub.recipes import RECIPES, Branch, register_recipe
+
+    def kxk_and_1x3(geom):  # a user's recipe: k×k plus a 1×3 branch, both conv-BN
+        return [Branch("kxk", "conv", geom.kernel), Branch("1x3", "conv", (1, 3))]
+
+    register_recipe("kxk_1x3", kxk_and_1x3, centred=True)
+    try:
+        assert "kxk_1x3" in neusub.list_recipes()
+        layer = RepConv2d(4, 4, 3, recipe="kxk_1x3", connectivity="ns", in_streams=2, stochastic=1.0)
+        x = torch.randn(2, 2, 4, 7, 7, dtype=torch.float64)
+        layer = layer.double()
+        layer(x).sum().backward()
+        layer.eval()
+        assert neusub.check_equivalence(layer, x) <= FP64_TOL
+        with pytest.raises(ValueError, match="even"):  # centred: the registry's rule applies
+            RepConv2d(4, 4, 2, recipe="kxk_1x3")
+    finally:
+        del RECIPES["kxk_1x3"]

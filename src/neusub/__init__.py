@@ -20,7 +20,7 @@ _NAMES = {
     "check_equivalence": "deploy", "deploy": "deploy",
     "CONNECTIVITIES": "layers", "RepConv2d": "layers", "RepLinear": "layers", "set_recompute": "layers",
     "create_model": "models", "list_models": "models",
-    "Recipe": "recipes", "list_recipes": "recipes",
+    "Recipe": "recipes", "list_recipes": "recipes", "register_recipe": "recipes",
     "load": "saved",
     **{name: "streams" for name in (
         "Add", "Gate", "GuidedActivation", "GuidedMaxPool2d", "PerStream", "SqueezeExcite", "StreamAdd",

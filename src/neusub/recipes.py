@@ -75,7 +75,7 @@ class Recipe:
     @property
     def post_norm(self) -> bool:
         """Whether the layer ends in one BatchNorm over the branch sum (``qarepvgg``)."""
-        return self.name in _POST_NORM
+        return RECIPES[self.name].post_norm
 
 
 def _kxk(geom: Geometry, name: str = "kxk") -> Branch:
@@ -159,26 +159,40 @@ def _nsnet(geom: Geometry) -> list[Branch]:
     ]
 
 
-_RECIPES: dict[str, Callable[..., list[Branch]]] = {
-    "plain": _plain,
-    **{f"conv{n}": _conv_n(n) for n in range(2, 6)},
-    "repvgg": _repvgg,
-    "qarepvgg": _qarepvgg,
-    "acnet": _acnet,
-    "acnet+": _acnet_plus,
-    "dbb": _dbb,
-    "mobileone": _mobileone,
-    "nsnet": _nsnet,
-}
-# Recipes with branches centred inside the k×k kernel need odd kernels and "same" padding.
-_CENTRED = {"repvgg", "qarepvgg", "acnet", "acnet+", "dbb", "mobileone", "nsnet"}
-# Recipes whose layer ends in one BatchNorm over the branch sum.
-_POST_NORM = {"qarepvgg"}
+@dataclass(frozen=True)
+class RecipeEntry:
+    """A recipe in the registry: ``branches(geom, **options)`` and what fusing it needs."""
+
+    branches: Callable[..., list[Branch]]
+    centred: bool = False  # smaller branches centred in the k×k kernel: odd kernels, "same" padding
+    post_norm: bool = False  # one BatchNorm over the branch sum (qarepvgg)
+
+
+RECIPES: dict[str, RecipeEntry] = {}
+
+
+def register_recipe(
+    name: str, branches: Callable[..., list[Branch]], *, centred: bool = False, post_norm: bool = False
+) -> None:
+    """Add a recipe: ``branches(geom, **options) -> [Branch, ...]`` for a layer of shape ``geom``."""
+    RECIPES[name] = RecipeEntry(branches, centred, post_norm)
+
+
+register_recipe("plain", _plain)
+for _n in range(2, 6):
+    register_recipe(f"conv{_n}", _conv_n(_n))
+register_recipe("repvgg", _repvgg, centred=True)
+register_recipe("qarepvgg", _qarepvgg, centred=True, post_norm=True)
+register_recipe("acnet", _acnet, centred=True)
+register_recipe("acnet+", _acnet_plus, centred=True)
+register_recipe("dbb", _dbb, centred=True)
+register_recipe("mobileone", _mobileone, centred=True)
+register_recipe("nsnet", _nsnet, centred=True)
 
 
 def list_recipes() -> list[str]:
     """Names accepted by ``recipe=``."""
-    return list(_RECIPES)
+    return list(RECIPES)
 
 
 def as_recipe(recipe: str | Recipe) -> Recipe:
@@ -188,8 +202,8 @@ def as_recipe(recipe: str | Recipe) -> Recipe:
         name, recipe = recipe, Recipe(recipe)
     else:
         raise ValueError(f"recipe must be a name or a neusub.Recipe, got {type(recipe).__name__}")
-    if name not in _RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(_RECIPES)}")
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return recipe
 
 
@@ -216,7 +230,7 @@ def validate_geometry(geom: Geometry, recipe_name: str = "plain") -> None:
             f"{where}: groups={geom.groups} must divide in_channels={geom.in_channels} "
             f"and out_channels={geom.out_channels}"
         )
-    if recipe_name in _CENTRED:
+    if recipe_name in RECIPES and RECIPES[recipe_name].centred:
         if any(k % 2 == 0 for k in geom.kernel):
             raise ValueError(
                 f"{where}: kernel_size={geom.kernel} is even; this recipe centres smaller "
@@ -234,6 +248,6 @@ def build_branches(recipe: str | Recipe, geom: Geometry) -> list[Branch]:
     recipe = as_recipe(recipe)
     validate_geometry(geom, recipe.name)
     try:
-        return _RECIPES[recipe.name](geom, **recipe.options)
+        return RECIPES[recipe.name].branches(geom, **recipe.options)
     except TypeError as err:  # unknown option name
         raise ValueError(f"recipe {recipe.name!r}: bad options {recipe.options}: {err}") from None

@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ana = sub.add_parser("analyze", help="similarity, kernels, block drop or topology of runs (PNG + JSON)")
     ana.add_argument("runs", nargs="+", metavar="RUN_OR_CKPT", help="run folders or checkpoints (compared)")
-    ana.add_argument("--what", required=True, help="similarity | kernels | block-drop | topology | statistics")
+    ana.add_argument(
+        "--what", required=True, help="similarity | kernels | block-drop | topology | statistics"
+    )
     ana.add_argument("--out", help="output folder (default: <first run>/analysis)")
     ana.add_argument("--samples", type=int, default=2000, help="validation samples used (default 2000)")
 
