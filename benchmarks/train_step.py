@@ -1,4 +1,4 @@
-"""Training-cost benchmark (DESIGN §5): train-step time and peak memory of NS layers vs plain.
+"""Training-cost benchmark (docs/design.md §3): train-step time and peak memory of NS layers vs plain.
 
 Every configuration runs in a fresh worker process (this script re-invoked with the
 hidden ``--worker NAME`` flag), so peak RSS is that model's own, and the parent

@@ -1,6 +1,6 @@
 """Whole models: the deployed network computes the training structure's eval-mode function.
 
-For every model of ``neusub.list_models()``, recipe and connectivity (DESIGN §2): BN affine
+For every model of ``neusub.list_models()``, recipe and connectivity (docs/design.md §2): BN affine
 parameters and running statistics are randomised (every BatchNorm: the stacked ``layer.bn``,
 the inner ``bn1`` of sequential branches, plain conv-BNs), a few SGD steps are taken, and the
 eval-mode output of the training structure must equal the deployed network's (fp64: max

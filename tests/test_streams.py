@@ -1,4 +1,4 @@
-"""Stream ops (DESIGN §2): each guided / per-stream op in small NS networks, and unit checks."""
+"""Stream ops (docs/design.md §2): each guided / per-stream op in small NS networks, and unit checks."""
 
 from __future__ import annotations
 

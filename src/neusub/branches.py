@@ -5,7 +5,7 @@ A branch's ``kernel(moments, like)`` returns ``(kernel, bias)`` of shape
 the branch's outer BatchNorm (the layer stacks all outer BNs into one). Sequential
 branches (1×1 → BN → k×k / avg-pool) are composed analytically: their inner BN
 is an affine map whose training-mode statistics follow from the input's channel
-moments (DESIGN §5.2), so the branch is one conv with identical values and gradients.
+moments (docs/design.md §3), so the branch is one conv with identical values and gradients.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Re-parameterizable layers: RepConv2d and RepLinear.
 
-Training forward (DESIGN §5): every branch becomes one k×k kernel (sequential
+Training forward (docs/design.md §3): every branch becomes one k×k kernel (sequential
 branches composed analytically), the kernels are stacked into **one** conv over
 the ``(S·B)`` batch followed by **one** BatchNorm over ``N·C_out`` channels (per-
 channel statistics over all S inputs of each branch), and the pairs are

@@ -2,7 +2,7 @@
 
 The stacked conv of an NS layer has ``N·S`` times the channels of one stream, and a
 normal BatchNorm saves that output for its backward: it is the largest tensor a
-training step keeps (DESIGN §5). Here backward runs ``op`` again instead, which
+training step keeps (docs/design.md §3). Here backward runs ``op`` again instead, which
 costs one more forward conv per layer and saves that tensor. Gradients and
 running statistics are those of ``nn.BatchNorm`` in training mode.
 """

@@ -1,4 +1,4 @@
-"""Stream bundles and the ops that keep DESIGN §2 exact on them.
+"""Stream bundles and the ops that keep the invariant (docs/design.md §2) exact on them.
 
 A *bundle* is one tensor with the stream axis first: ``(S, B, ...)``. Every op
 here satisfies, in eval mode, ``Σ_s out_s == plain_op(Σ_s in_s)``, and has a
