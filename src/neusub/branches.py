@@ -44,8 +44,8 @@ class Moments:
         from the rows ``n·M·C/G``, cheaper when there are fewer rows than channels (an MLP)."""
         groups, outputs, channels = weight.shape
         if self.count * outputs < (self.count + outputs) * channels and "cov" not in self.__dict__:
-            projected = weight @ self.rows  # (G, M/G, n)
-            return projected.var(dim=2, correction=0).flatten()
+            centred = weight @ (self.rows - self.rows.mean(2, keepdim=True))  # (G, M/G, n)
+            return centred.square().mean(2).flatten()
         return ((weight @ self.cov) * weight).sum(-1).flatten()
 
 
@@ -134,7 +134,7 @@ class SequentialBranch(nn.Module):
         bn = self.bn1
         if moments is None or not uses_batch_stats(bn):
             return running_affine(bn)
-        groups = moments.cov.shape[0]
+        groups = moments.rows.shape[0]  # not .cov: that would compute the covariance
         w1 = self.conv1.reshape(groups, -1, self.conv1.shape[1])  # (G, M/G, C_in/G)
         mean = (w1 @ moments.mean.reshape(groups, -1, 1)).flatten()
         var = moments.projected_variance(w1)  # diag(W₁ Σ W₁ᵀ), group by group
