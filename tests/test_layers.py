@@ -509,3 +509,19 @@ def test_a_registered_recipe_is_a_recipe_everywhere():
             RepConv2d(4, 4, 2, recipe="kxk_1x3")
     finally:
         del RECIPES["kxk_1x3"]
+
+
+def test_few_rows_take_the_variance_from_the_rows():
+    from neusub.branches import input_moments
+
+    x = torch.randn(6, 12, dtype=torch.float64)  # 6 rows < 12 channels: an MLP's batch
+    weight = torch.randn(1, 48, 12, dtype=torch.float64)
+    moments = input_moments(x)
+    direct = moments.projected_variance(weight)
+    assert "cov" not in moments.__dict__  # the covariance was never formed
+    through_cov = ((weight @ moments.cov) * weight).sum(-1).flatten()
+    assert torch.allclose(direct, through_cov, rtol=1e-12, atol=0)
+    layer = RepLinear(12, 12, recipe="nsnet").double()
+    fresh = input_moments(x)
+    layer.branches["1x1_4c_kxk"].inner_affine(fresh)
+    assert "cov" not in fresh.__dict__
