@@ -119,7 +119,7 @@ def test_to_torchvision_leaves_the_model_untouched():
 
 @pytest.mark.parametrize("name", [n for n in neusub.list_models() if n not in SUPPORTED_TORCHVISION])
 def test_to_torchvision_refuses_other_models(name):
-    kwargs = {"in_features": 8} if name == "mlp_adapter" else {}
+    kwargs = {"in_features": 8} if name.endswith("_adapter") else {}
     model = neusub.create_model(name, num_classes=10, width_mult=0.125, **kwargs)
     with pytest.raises(ValueError, match="resnet18.*resnet50"):
         to_torchvision(model)
@@ -149,7 +149,7 @@ def _onnx_models() -> list:
 
 def _small_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     torch.manual_seed(0)
-    if name == "mlp_adapter":
+    if name.endswith("_adapter"):
         model = neusub.create_model(name, num_classes=10, width_mult=0.125, in_features=8)
         shape = (2, 5, 8)
     else:
@@ -260,7 +260,7 @@ def test_timm_lists_every_model():
 
 @pytest.mark.parametrize("name", neusub.list_models())
 def test_timm_create_every_model(name):
-    kwargs = {"in_features": 8} if name == "mlp_adapter" else {}
+    kwargs = {"in_features": 8} if name.endswith("_adapter") else {}
     model = timm.create_model(f"neusub_{name}", num_classes=7, width_mult=0.125, **kwargs)
     assert type(model) is type(neusub.create_model(name, num_classes=7, width_mult=0.125, **kwargs))
     with pytest.raises(ValueError, match="pretrained"):

@@ -37,7 +37,8 @@ MODELS = neusub.list_models()
 RECIPES = ("plain", "conv2", "repvgg", "acnet", "dbb", "mobileone", "nsnet")
 # id: (connectivity, stochastic)
 CONNECTIVITIES = {"block": ("block", 0.0), "ns": ("ns", 0.0), "ns-stoch": ("ns", 1.0)}
-TOKEN_MODELS = {"mlp_adapter": {"in_features": 12}}  # extra kwargs; input (B, T, D)
+# extra kwargs; input (B, T, D)
+TOKEN_MODELS = {"mlp_adapter": {"in_features": 12}, "linear_adapter": {"in_features": 12}}
 TOKENS = 3
 WIDTH = 0.125
 NUM_CLASSES = 10

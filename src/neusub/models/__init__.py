@@ -14,7 +14,7 @@ from torch import nn
 from ..layers import set_recompute
 from ..timm_registry import register_with_timm
 from .factory import LayerFactory
-from .mlp_adapter import build_mlp_adapter
+from .mlp_adapter import build_linear_adapter, build_mlp_adapter
 from .mobilenet import build_mobilenet_v1
 from .mobileone import MOBILEONES, build_mobileone
 from .resnet import RESNETS, build_resnet
@@ -37,6 +37,7 @@ register("mobilenet_v1", build_mobilenet_v1, "nsnet")
 for _name in MOBILEONES:
     register(_name, lambda f, _name=_name, **kw: build_mobileone(_name, f, **kw), "mobileone")
 register("mlp_adapter", build_mlp_adapter, "nsnet")
+register("linear_adapter", build_linear_adapter, "plain")
 
 
 def default_stochastic(connectivity: str) -> float:

@@ -7,8 +7,9 @@ activation separates every two linear maps, the classifier included. The head su
 streams, mean-pools the tokens (token input) and applies a linear classifier.
 
 Deployed: ``Linear, act, …, Linear, act`` then mean over tokens and the classifier: a plain
-MLP. ``width_mult`` scales ``hidden``; ``stem`` and ``drop_path_rate`` (passed to every
-builder by ``create_model``) do not apply and are ignored.
+MLP. ``depth=0`` is the linear classifier on the features alone (the paper's "FC" row; its
+``recipe`` and ``connectivity`` change nothing). ``width_mult`` scales ``hidden``; ``stem`` and
+``drop_path_rate`` (passed to every builder by ``create_model``) do not apply and are ignored.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class MLPAdapter(nn.Module):
                  num_classes: int = 1000, width_mult: float = 1.0, stem: str | None = None,
                  drop_path_rate: float = 0.0):  # fmt: skip
         super().__init__()
-        for label, value in [("in_features", in_features), ("hidden", hidden), ("depth", depth)]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"mlp_adapter: {label}={value!r} must be an integer >= 1")
+        sizes = [("in_features", in_features, 1), ("hidden", hidden, 1), ("depth", depth, 0)]
+        for label, value, least in sizes:
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"mlp_adapter: {label}={value!r} must be an integer >= {least}")
         if not width_mult > 0:
             raise ValueError(f"mlp_adapter: width_mult={width_mult!r} must be > 0")
         hidden = scaled(hidden, width_mult)
@@ -76,3 +78,8 @@ class MLPAdapter(nn.Module):
 
 def build_mlp_adapter(f: LayerFactory, **kwargs) -> MLPAdapter:
     return MLPAdapter(f, **kwargs)
+
+
+def build_linear_adapter(f: LayerFactory, **kwargs) -> MLPAdapter:
+    """The linear probe: ``mlp_adapter`` with ``depth=0``, ``(B, [T,] D) → (B, num_classes)``."""
+    return MLPAdapter(f, depth=0, **kwargs)
