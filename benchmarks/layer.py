@@ -92,9 +92,15 @@ class Setup:
             self.x = torch.randn(b, c, hw, hw, requires_grad=True)
         else:
             self.module = RepConv2d(
-                c, c, 3, recipe=args.recipe, connectivity="ns", in_streams=s, stochastic=1.0,
+                c,
+                c,
+                3,
+                recipe=args.recipe,
+                connectivity="ns",
+                in_streams=s,
+                stochastic=1.0,
                 generator=self.generator,
-            ).train()  # fmt: skip
+            ).train()
             self.x = torch.randn(s, b, c, hw, hw, requires_grad=True)
         with torch.no_grad():
             out = self.forward()
@@ -192,9 +198,13 @@ def measure_memory(name: str, args: argparse.Namespace) -> dict:
 
 def _shape_flags(args: argparse.Namespace) -> list[str]:
     return [
-        f"--threads={args.threads}", f"--batch={args.batch}", f"--channels={args.channels}",
-        f"--size={args.size}", f"--streams={args.streams}", f"--recipe={args.recipe}",
-    ]  # fmt: skip
+        f"--threads={args.threads}",
+        f"--batch={args.batch}",
+        f"--channels={args.channels}",
+        f"--size={args.size}",
+        f"--streams={args.streams}",
+        f"--recipe={args.recipe}",
+    ]
 
 
 # --------------------------------------------------------------------------- timing

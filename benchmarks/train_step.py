@@ -83,31 +83,98 @@ _PREVIOUS = [  # (name, model, recipe, connectivity, stochastic, batch, baseline
 CONFIGS: dict[str, Config] = {
     c.name: c
     for c in [
-        *(Config(f"prev_{n}", m, r, c, st, batch=b, baseline=base, source="previous")
-          for n, m, r, c, st, b, base in _PREVIOUS),
+        *(
+            Config(f"prev_{n}", m, r, c, st, batch=b, baseline=base, source="previous")
+            for n, m, r, c, st, b, base in _PREVIOUS
+        ),
         Config("r18_plain", "resnet18", "plain", "block", steps=6),
-        Config("r18_nsnet_ns", "resnet18", "nsnet", "ns", 1.0, baseline="r18_plain", steps=3,
-               target_time=20.0, target_rss_gb=3.8),
-        Config("r18_nsnet_ns_recompute", "resnet18", "nsnet", "ns", 1.0, recompute=True,
-               baseline="r18_plain", steps=3, target_time=20.0, target_rss_gb=3.8),
+        Config(
+            "r18_nsnet_ns",
+            "resnet18",
+            "nsnet",
+            "ns",
+            1.0,
+            baseline="r18_plain",
+            steps=3,
+            target_time=20.0,
+            target_rss_gb=3.8,
+        ),
+        Config(
+            "r18_nsnet_ns_recompute",
+            "resnet18",
+            "nsnet",
+            "ns",
+            1.0,
+            recompute=True,
+            baseline="r18_plain",
+            steps=3,
+            target_time=20.0,
+            target_rss_gb=3.8,
+        ),
         Config("r18_conv2_ns", "resnet18", "conv2", "ns", baseline="r18_plain", steps=3, target_time=4.1),
         Config("r18_conv3_ns", "resnet18", "conv3", "ns", baseline="r18_plain", steps=3, target_time=9.4),
         Config("r18_dbb_block", "resnet18", "dbb", "block", baseline="r18_plain", steps=3, target_time=3.0),
         Config("r50_plain", "resnet50", "plain", "block", batch=16, steps=5),
-        Config("r50_nsnet_ns", "resnet50", "nsnet", "ns", 1.0, batch=16, baseline="r50_plain", steps=3,
-               target_time=14.0, target_rss_gb=5.0),
-        Config("r50_nsnet_ns_recompute", "resnet50", "nsnet", "ns", 1.0, recompute=True, batch=16,
-               baseline="r50_plain", steps=3, target_time=14.0, target_rss_gb=5.0),
-        Config("r50_paper_ns", "resnet50", "nsnet", "ns", 1.0, batch=16, baseline="r50_plain", steps=2,
-               layers="paper"),
+        Config(
+            "r50_nsnet_ns",
+            "resnet50",
+            "nsnet",
+            "ns",
+            1.0,
+            batch=16,
+            baseline="r50_plain",
+            steps=3,
+            target_time=14.0,
+            target_rss_gb=5.0,
+        ),
+        Config(
+            "r50_nsnet_ns_recompute",
+            "resnet50",
+            "nsnet",
+            "ns",
+            1.0,
+            recompute=True,
+            batch=16,
+            baseline="r50_plain",
+            steps=3,
+            target_time=14.0,
+            target_rss_gb=5.0,
+        ),
+        Config(
+            "r50_paper_ns",
+            "resnet50",
+            "nsnet",
+            "ns",
+            1.0,
+            batch=16,
+            baseline="r50_plain",
+            steps=2,
+            layers="paper",
+        ),
         Config("effb0_timm", "efficientnet_b0", "plain", "block", steps=5, source="timm"),
-        Config("effb0_nsnet_ns", "efficientnet_b0", "nsnet", "ns", 1.0, baseline="effb0_timm", steps=3,
-               source="convert"),
+        Config(
+            "effb0_nsnet_ns",
+            "efficientnet_b0",
+            "nsnet",
+            "ns",
+            1.0,
+            baseline="effb0_timm",
+            steps=3,
+            source="convert",
+        ),
         Config("convnext_atto_timm", "convnext_atto", "plain", "block", steps=5, source="timm"),
-        Config("convnext_atto_nsnet_ns", "convnext_atto", "nsnet", "ns", 1.0, baseline="convnext_atto_timm",
-               steps=3, source="convert"),
+        Config(
+            "convnext_atto_nsnet_ns",
+            "convnext_atto",
+            "nsnet",
+            "ns",
+            1.0,
+            baseline="convnext_atto_timm",
+            steps=3,
+            source="convert",
+        ),
     ]
-}  # fmt: skip
+}
 for _name, *_ in _PREVIOUS:  # each current configuration is compared with its previous twin
     CONFIGS[_name] = dataclasses.replace(CONFIGS[_name], twin=f"prev_{_name}")
 INFERENCE_TARGET, INFERENCE_TOL = 1.00, 0.03
@@ -140,14 +207,25 @@ def _build(cfg: Config):
         if cfg.source == "timm":
             return plain
         return neusub.convert(
-            plain, recipe=cfg.recipe, connectivity=cfg.connectivity, stochastic=cfg.stochastic,
-            init="fresh", example_input=(1, 3, IMAGE, IMAGE), on_merge="ignore",
-        )  # fmt: skip
+            plain,
+            recipe=cfg.recipe,
+            connectivity=cfg.connectivity,
+            stochastic=cfg.stochastic,
+            init="fresh",
+            example_input=(1, 3, IMAGE, IMAGE),
+            on_merge="ignore",
+        )
     extra = {"layers": cfg.layers} if cfg.layers else {}
     return neusub.create_model(
-        cfg.model, recipe=cfg.recipe, connectivity=cfg.connectivity, stochastic=cfg.stochastic,
-        num_classes=NUM_CLASSES, stem="cifar", recompute=cfg.recompute, **extra,
-    )  # fmt: skip
+        cfg.model,
+        recipe=cfg.recipe,
+        connectivity=cfg.connectivity,
+        stochastic=cfg.stochastic,
+        num_classes=NUM_CLASSES,
+        stem="cifar",
+        recompute=cfg.recompute,
+        **extra,
+    )
 
 
 def _flops_by_op(mode) -> dict[str, int]:
@@ -220,8 +298,11 @@ def _print_profile(prof, steps: int) -> None:
     for e in sorted(events, key=lambda e: -e.cpu_time_total):
         if e.key.startswith("neusub::"):
             share = 100.0 * e.cpu_time_total / total
-            print(f"  {e.key:55s} {e.cpu_time_total / 1e6 / steps:8.3f} s/step  {share:5.1f}%  "
-                  f"calls/step {e.count / steps:.0f}", file=sys.stderr)  # fmt: skip
+            print(
+                f"  {e.key:55s} {e.cpu_time_total / 1e6 / steps:8.3f} s/step  {share:5.1f}%  "
+                f"calls/step {e.count / steps:.0f}",
+                file=sys.stderr,
+            )
     backward = [e for e in events if "Backward" in e.key]
     print("=== autograd backward nodes (CPU time incl. children) ===", file=sys.stderr)
     for e in sorted(backward, key=lambda e: -e.cpu_time_total)[:15]:
@@ -229,8 +310,7 @@ def _print_profile(prof, steps: int) -> None:
         print(f"  {e.key:55s} {e.cpu_time_total / 1e6 / steps:8.3f} s/step  {share:5.1f}%", file=sys.stderr)
 
 
-def run_train_worker(cfg: Config, steps: int, warmup: int, threads: int, budget: float,
-                     profile: int) -> dict:  # fmt: skip
+def run_train_worker(cfg: Config, steps: int, warmup: int, threads: int, budget: float, profile: int) -> dict:
     torch = _setup(threads)
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
@@ -340,9 +420,7 @@ def run_inference_worker(iters: int, threads: int, warmup: int = 3) -> dict:
     }
     models["torchvision_bn_folded"] = _fold_bn(models["torchvision"])
     x = torch.randn(32, 3, IMAGE, IMAGE)
-    convs = {
-        k: sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules()) for k, m in models.items()
-    }  # fmt: skip
+    convs = {k: sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules()) for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     names = list(models)
@@ -668,39 +746,59 @@ def parent_main(args: argparse.Namespace) -> None:
     payload = {"meta": meta, "rows": rows, "workers": results}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.md')} "
-          f"({meta['wall_s']:.0f} s)", file=sys.stderr)  # fmt: skip
+    print(
+        f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({meta['wall_s']:.0f} s)",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--only", action="append", choices=ALL_NAMES, metavar="NAME",
+        "--only",
+        action="append",
+        choices=ALL_NAMES,
+        metavar="NAME",
         help=f"run only this configuration (repeatable; its baseline runs too): {', '.join(ALL_NAMES)}",
-    )  # fmt: skip
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed train steps per configuration (default: per config, 3-6)")  # fmt: skip
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed train steps per configuration (default: per config, 3-6)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (>= 1; default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument(
         "--iters", type=int, default=60, help="deployed-inference iterations per model (default 60)"
     )
     p.add_argument(
-        "--budget", type=float, default=300.0,
+        "--budget",
+        type=float,
+        default=300.0,
         help="stop a config's timed steps (keeping >= 2) once they took this many seconds",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--no-bracket", dest="bracket", action="store_false",
+        "--no-bracket",
+        dest="bracket",
+        action="store_false",
         help="do not re-run each baseline after its dependents (by default ratios use the mean of both runs)",
-    )  # fmt: skip
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps, 6 inference iterations")
     p.add_argument(
-        "--profile", type=int, default=0, metavar="STEPS",
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
         help="also run torch.profiler for STEPS steps in each non-baseline worker (stderr)",
-    )  # fmt: skip
+    )
     p.add_argument("--out", default=None, help="output path without suffix (default benchmarks/results/...)")
-    p.add_argument("--previous", default=None, metavar="REV",
-                   help="also time the prev_* twins with neusub from this git revision")  # fmt: skip
+    p.add_argument(
+        "--previous",
+        default=None,
+        metavar="REV",
+        help="also time the prev_* twins with neusub from this git revision",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup < 1:

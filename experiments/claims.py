@@ -61,8 +61,10 @@ def main(path: str) -> None:
         if "ns+stoch unguided" in settings:
             guided, unguided = settings.get("ns+stoch"), settings["ns+stoch unguided"]
             g = f"{100 * float(guided['val_acc_deployed']):.2f}" if guided else "—"
-            print(f"| {recipe} | {seed} | {g} | {100 * float(unguided['val_acc_training']):.2f} "
-                  f"| {100 * float(unguided['val_acc_deployed']):.2f} |")  # fmt: skip
+            print(
+                f"| {recipe} | {seed} | {g} | {100 * float(unguided['val_acc_training']):.2f} "
+                f"| {100 * float(unguided['val_acc_deployed']):.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ COMPONENTS = 64
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     root = _fashion_root(None)
-    splits = {split: datasets.FashionMNIST(str(root), train=train, download=False)
-              for split, train in (("train", True), ("val", False))}  # fmt: skip
+    splits = {
+        split: datasets.FashionMNIST(str(root), train=train, download=False)
+        for split, train in (("train", True), ("val", False))
+    }
     pixels = {split: d.data.reshape(len(d.data), -1).double() / 255.0 for split, d in splits.items()}
     mean = pixels["train"].mean(0)
     _, singular, basis = torch.linalg.svd(pixels["train"] - mean, full_matrices=False)

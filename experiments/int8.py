@@ -95,16 +95,22 @@ def measure_run(run: Path) -> dict:
     int8_tensor = cmd_eval(str(per_tensor), None, None, progress=False)
     w_outlier, w_spread = weight_stats(plain)
     return {
-        "run": run.name, "recipe": cfg.recipe, "connectivity": cfg.connectivity,
-        "stochastic": cfg.stochastic, "seed": cfg.seed,
-        "acc_fp32": fp32["val_acc"], "acc_int8": int8["val_acc"],
+        "run": run.name,
+        "recipe": cfg.recipe,
+        "connectivity": cfg.connectivity,
+        "stochastic": cfg.stochastic,
+        "seed": cfg.seed,
+        "acc_fp32": fp32["val_acc"],
+        "acc_int8": int8["val_acc"],
         "drop": fp32["val_acc"] - int8["val_acc"],
         "acc_int8_per_tensor": int8_tensor["val_acc"],
         "drop_per_tensor": fp32["val_acc"] - int8_tensor["val_acc"],
-        "w_outlier": w_outlier, "w_spread": w_spread,
+        "w_outlier": w_outlier,
+        "w_spread": w_spread,
         "a_outlier": activation_outlier(plain, batches),
-        "float_bytes": float_file.stat().st_size, "int8_bytes": int8_file.stat().st_size,
-    }  # fmt: skip
+        "float_bytes": float_file.stat().st_size,
+        "int8_bytes": int8_file.stat().st_size,
+    }
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -164,12 +170,13 @@ def full_width() -> dict:
         x = torch.randn(256, 3, 32, 32)
         fp32, int8 = export.OnnxModel(float_file)(x), export.OnnxModel(int8_file)(x)
         return {
-            "float_mb": float_file.stat().st_size / 2**20, "int8_mb": int8_file.stat().st_size / 2**20,
+            "float_mb": float_file.stat().st_size / 2**20,
+            "int8_mb": int8_file.stat().st_size / 2**20,
             "quantize_seconds": seconds,
             "logit_rel_error": float((int8 - fp32).abs().mean() / fp32.abs().mean()),
             "top1_agreement": float((int8.argmax(1) == fp32.argmax(1)).float().mean()),
             "params_deployed": sum(p.numel() for p in neusub.deploy(model).parameters()),
-        }  # fmt: skip
+        }
 
 
 def main() -> None:

@@ -31,8 +31,11 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
 
 def tree_digest(folder: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file below ``folder``: proof that nothing changed."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli_fails(capsys, args: list, *matches: str, code: int = 2) -> str:

@@ -15,8 +15,15 @@ from neusub import analysis
 
 def tiny_resnet(connectivity: str = "ns", recipe: str = "nsnet") -> nn.Module:
     torch.manual_seed(0)
-    return neusub.create_model("resnet18", recipe=recipe, connectivity=connectivity, num_classes=5,
-                               stem="cifar", width_mult=0.125, in_chans=1)  # fmt: skip
+    return neusub.create_model(
+        "resnet18",
+        recipe=recipe,
+        connectivity=connectivity,
+        num_classes=5,
+        stem="cifar",
+        width_mult=0.125,
+        in_chans=1,
+    )
 
 
 def test_branch_similarity_is_one_for_identical_branches_and_lower_otherwise():

@@ -21,10 +21,32 @@ from helpers import tree_digest
 from neusub.cli import main
 
 TINY = [
-    "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.125", "--stem", "cifar",
-    "--recipe", "nsnet", "--connectivity", "ns", "--stochastic", "1.0", "--neural-drop", "0.1",
-    "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "1", "--batch-size", "128", "--quiet",
-]  # fmt: skip
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet18",
+    "--width-mult",
+    "0.125",
+    "--stem",
+    "cifar",
+    "--recipe",
+    "nsnet",
+    "--connectivity",
+    "ns",
+    "--stochastic",
+    "1.0",
+    "--neural-drop",
+    "0.1",
+    "--opt",
+    "adamw",
+    "--lr",
+    "3e-3",
+    "--warmup-epochs",
+    "1",
+    "--batch-size",
+    "128",
+    "--quiet",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -109,8 +131,9 @@ def test_eval_deploy_export(finished_run: Path, tmp_path: Path):
     assert report["equivalence_error"] < 1e-5
     assert report["params_deployed"] < report["params_training"]
 
-    ts = json.loads(neusub("export", str(finished_run), "--format", "torchscript",
-                           "--out", str(tmp_path / "m.ts")).stdout)  # fmt: skip
+    ts = json.loads(
+        neusub("export", str(finished_run), "--format", "torchscript", "--out", str(tmp_path / "m.ts")).stdout
+    )
     scripted = torch.jit.load(ts["out"])
     x = torch.randn(2, 1, 8, 8)
     plain = torch.load(tmp_path / "plain.pt", weights_only=True)
@@ -143,15 +166,29 @@ def _free_port() -> int:
 def test_ddp_two_cpu_processes_identical_and_resumable(tmp_path: Path):
     out = tmp_path / "ddp"
     base = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}",
-        "-m", "neusub", "train", *TINY, "--epochs", "2", "--ckpt-steps", "2", "--out", str(out),
-    ]  # fmt: skip
+        "-m",
+        "neusub",
+        "train",
+        *TINY,
+        "--epochs",
+        "2",
+        "--ckpt-steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     first = subprocess.run([*base, "--stop-after", "4"], env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert torch.load(out / "last.pt", weights_only=True)["global_step"] == 4
-    resumed = subprocess.run([*base[:-2], "--out", str(out), "--resume"], env=ENV, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [*base[:-2], "--out", str(out), "--resume"], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]

@@ -42,8 +42,20 @@ def test_features_with_vlm_preset(tmp_path: Path):
         features = torch.randn(n, 4, 16, generator=gen) + labels[:, None, None].float()  # (N, T, D)
         torch.save({"features": features, "labels": labels}, data / f"{split}.pt")
     out = tmp_path / "vlm"
-    record = train(tmp_path, "--preset", "vlm", "--dataset", "features", "--data", str(data),
-                   "--batch-size", "16", "--out", str(out), *SMALL)  # fmt: skip
+    record = train(
+        tmp_path,
+        "--preset",
+        "vlm",
+        "--dataset",
+        "features",
+        "--data",
+        str(data),
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+        *SMALL,
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == "mlp_adapter" and config["opt"] == "adamw" and config["epochs"] == 1
     assert record["equivalence_error"] < 1e-5 and (out / "deployed.pt").is_file()
@@ -61,11 +73,33 @@ def test_imagefolder_with_imagenet_preset_and_config_file(tmp_path: Path):
                 pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({"preset": "imagenet", "img_size": 16, "model": "resnet18",
-                                  "width_mult": 0.125, "stem": "cifar", "batch_size": 4}))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "preset": "imagenet",
+                "img_size": 16,
+                "model": "resnet18",
+                "width_mult": 0.125,
+                "stem": "cifar",
+                "batch_size": 4,
+            }
+        )
+    )
     out = tmp_path / "in"
-    train(tmp_path, "--config", str(config), "--dataset", "imagefolder", "--data", str(tmp_path / "images"),
-          "--batch-size", "8", "--out", str(out), *SMALL)  # fmt: skip
+    train(
+        tmp_path,
+        "--config",
+        str(config),
+        "--dataset",
+        "imagefolder",
+        "--data",
+        str(tmp_path / "images"),
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        *SMALL,
+    )
     saved = json.loads((out / "config.json").read_text())
     # preset < config file < flags
     assert (
@@ -91,8 +125,22 @@ def test_fashion_mnist_from_debian_gz_layout(tmp_path: Path):
         _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
         _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     out = tmp_path / "fm"
-    record = train(tmp_path, "--dataset", "fashion-mnist", "--data", str(data), "--model", "resnet18",
-                   "--width-mult", "0.125", "--batch-size", "20", "--out", str(out), *SMALL)  # fmt: skip
+    record = train(
+        tmp_path,
+        "--dataset",
+        "fashion-mnist",
+        "--data",
+        str(data),
+        "--model",
+        "resnet18",
+        "--width-mult",
+        "0.125",
+        "--batch-size",
+        "20",
+        "--out",
+        str(out),
+        *SMALL,
+    )
     assert record["epoch"] == 1 and 0.0 <= record["val_acc"] <= 1.0
     assert (
         tmp_path / "cache" / "neusub" / "fashion-mnist" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
@@ -101,8 +149,23 @@ def test_fashion_mnist_from_debian_gz_layout(tmp_path: Path):
 
 def test_amp_and_channels_last_on_cpu(tmp_path: Path):
     out = tmp_path / "amp"
-    record = train(tmp_path, "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.125",
-                   "--recipe", "dbb", "--batch-size", "128", "--amp", "--channels-last", "--out", str(out),
-                   *SMALL)  # fmt: skip
+    record = train(
+        tmp_path,
+        "--dataset",
+        "digits",
+        "--model",
+        "resnet18",
+        "--width-mult",
+        "0.125",
+        "--recipe",
+        "dbb",
+        "--batch-size",
+        "128",
+        "--amp",
+        "--channels-last",
+        "--out",
+        str(out),
+        *SMALL,
+    )
     assert json.loads((out / "config.json").read_text())["amp"] is True
     assert record["equivalence_error"] < 1e-5  # bf16 training, deployed fp32: still the same function

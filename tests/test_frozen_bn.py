@@ -88,9 +88,14 @@ def test_frozen_bn_makes_the_partition_irrelevant(recipe):
     same output, equal to the deployed network's (fp64)."""
     torch.manual_seed(0)
     model = neusub.create_model(
-        "resnet18", recipe=recipe, connectivity="ns", stochastic=1.0, width_mult=0.0625, stem="cifar",
+        "resnet18",
+        recipe=recipe,
+        connectivity="ns",
+        stochastic=1.0,
+        width_mult=0.0625,
+        stem="cifar",
         num_classes=5,
-    ).to(DTYPE)  # fmt: skip
+    ).to(DTYPE)
     randomize_bn(model)
     model.train()
     _freeze(model, "all")

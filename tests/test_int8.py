@@ -22,11 +22,34 @@ from neusub.layers import RepConv2d
 pytest.importorskip("onnxruntime")
 
 TINY = [
-    "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.125", "--stem", "cifar",
-    "--recipe", "qarepvgg", "--connectivity", "ns", "--stochastic", "1.0", "--train-samples", "512",
-    "--batch-size", "64", "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "0", "--epochs", "3",
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet18",
+    "--width-mult",
+    "0.125",
+    "--stem",
+    "cifar",
+    "--recipe",
+    "qarepvgg",
+    "--connectivity",
+    "ns",
+    "--stochastic",
+    "1.0",
+    "--train-samples",
+    "512",
+    "--batch-size",
+    "64",
+    "--opt",
+    "adamw",
+    "--lr",
+    "3e-3",
+    "--warmup-epochs",
+    "0",
+    "--epochs",
+    "3",
     "--quiet",
-]  # fmt: skip
+]
 
 
 def _json(capsys) -> dict:
@@ -155,9 +178,14 @@ def test_qarepvgg_structure():
 def test_qarepvgg_network_is_exact_and_deploys_plain(connectivity: str, stochastic: float):
     torch.manual_seed(0)
     model = neusub.create_model(
-        "resnet18", recipe="qarepvgg", connectivity=connectivity, stochastic=stochastic,
-        width_mult=0.0625, num_classes=5, in_chans=1,
-    ).double()  # fmt: skip
+        "resnet18",
+        recipe="qarepvgg",
+        connectivity=connectivity,
+        stochastic=stochastic,
+        width_mult=0.0625,
+        num_classes=5,
+        in_chans=1,
+    ).double()
     x = torch.randn(4, 1, 12, 12, dtype=torch.float64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(2):

@@ -235,9 +235,18 @@ def conv_case(recipe, conn_id, channels_id, k, stride, dilation):
     connectivity, streams, stochastic, neural_drop, bundled = CONNECTIVITY[conn_id]
     c_in, c_out, groups = CHANNELS[channels_id]
     layer = RepConv2d(
-        c_in, c_out, k, stride, dilation=dilation, groups=groups, recipe=recipe,
-        connectivity=connectivity, in_streams=streams, stochastic=stochastic, neural_drop=neural_drop,
-    )  # fmt: skip
+        c_in,
+        c_out,
+        k,
+        stride,
+        dilation=dilation,
+        groups=groups,
+        recipe=recipe,
+        connectivity=connectivity,
+        in_streams=streams,
+        stochastic=stochastic,
+        neural_drop=neural_drop,
+    )
     shape = (BATCH, c_in, SIZE, SIZE)
     if connectivity != "block" and (streams > 1 or bundled):
         shape = (streams, *shape)
@@ -374,8 +383,11 @@ def test_deployed_is_one_plain_conv(recipe):
         reference = nn.Conv2d(4, c_out, 3, 2, 1, groups=groups, bias=True)
         assert sum(p.numel() for p in deployed.parameters()) == sum(p.numel() for p in reference.parameters())
         assert (deployed.kernel_size, deployed.stride, deployed.padding, deployed.groups) == (
-            reference.kernel_size, reference.stride, reference.padding, reference.groups,
-        )  # fmt: skip
+            reference.kernel_size,
+            reference.stride,
+            reference.padding,
+            reference.groups,
+        )
         assert not deployed.training
         _walk_is_plain(deployed)
 

@@ -17,9 +17,24 @@ from neusub.cli import main
 from neusub.cli.config import PRESETS, build_config
 
 TINY = [
-    "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.0625", "--recipe", "repvgg",
-    "--train-samples", "256", "--val-samples", "64", "--batch-size", "64", "--epochs", "1", "--quiet",
-]  # fmt: skip
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet18",
+    "--width-mult",
+    "0.0625",
+    "--recipe",
+    "repvgg",
+    "--train-samples",
+    "256",
+    "--val-samples",
+    "64",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")

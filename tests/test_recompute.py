@@ -36,8 +36,9 @@ def _assert_same_step(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, t
 def test_recompute_matches_default_path(recipe: str, layer: str) -> None:
     torch.manual_seed(0)
     if layer == "conv":
-        a = RepConv2d(6, 8, 3, 2, recipe=recipe, connectivity="ns", in_streams=3,
-                      stochastic=1.0, neural_drop=0.2)  # fmt: skip
+        a = RepConv2d(
+            6, 8, 3, 2, recipe=recipe, connectivity="ns", in_streams=3, stochastic=1.0, neural_drop=0.2
+        )
         x = torch.randn(3, 4, 6, 7, 7, dtype=torch.float64)
     else:
         a = RepLinear(6, 8, recipe=recipe, connectivity="ns", in_streams=3, stochastic=1.0)

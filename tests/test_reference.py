@@ -99,10 +99,17 @@ def make_layer(case: Case, stochastic: float, seed: int = 0) -> RepConv2d:
     torch.manual_seed(seed)
     recipe = Recipe(case.recipe, case.options) if case.options else case.recipe
     layer = RepConv2d(
-        case.in_ch, case.out_ch, case.kernel, stride=case.stride, dilation=case.dilation,
-        groups=case.groups, recipe=recipe, connectivity=case.connectivity,
-        in_streams=case.streams, stochastic=stochastic,
-    ).to(DTYPE)  # fmt: skip
+        case.in_ch,
+        case.out_ch,
+        case.kernel,
+        stride=case.stride,
+        dilation=case.dilation,
+        groups=case.groups,
+        recipe=recipe,
+        connectivity=case.connectivity,
+        in_streams=case.streams,
+        stochastic=stochastic,
+    ).to(DTYPE)
     with torch.no_grad():
         for module in layer.modules():
             if isinstance(module, nn.BatchNorm2d):

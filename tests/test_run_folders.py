@@ -27,11 +27,34 @@ from neusub.cli.config import load_toml
 from neusub.cli.runfolder import RunFolder
 
 TINY = [
-    "--dataset", "digits", "--model", "resnet18", "--width-mult", "0.0625", "--stem", "cifar",
-    "--recipe", "repvgg", "--connectivity", "ns", "--stochastic", "1.0", "--train-samples", "256",
-    "--val-samples", "64", "--batch-size", "64", "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "0",
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet18",
+    "--width-mult",
+    "0.0625",
+    "--stem",
+    "cifar",
+    "--recipe",
+    "repvgg",
+    "--connectivity",
+    "ns",
+    "--stochastic",
+    "1.0",
+    "--train-samples",
+    "256",
+    "--val-samples",
+    "64",
+    "--batch-size",
+    "64",
+    "--opt",
+    "adamw",
+    "--lr",
+    "3e-3",
+    "--warmup-epochs",
+    "0",
     "--quiet",
-]  # fmt: skip
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -312,8 +335,13 @@ def test_resume_cleans_temp_files_and_records_accepted_changes(tmp_path: Path, c
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         _interrupt_at(patch, 3, Terminated)
-        fails(capsys, ["train", *TINY, "--epochs", "1", "--ckpt-steps", "2", "--out", out],
-              "stopped at step 3", "checkpoint of step 2 is kept", code=143)  # fmt: skip
+        fails(
+            capsys,
+            ["train", *TINY, "--epochs", "1", "--ckpt-steps", "2", "--out", out],
+            "stopped at step 3",
+            "checkpoint of step 2 is kept",
+            code=143,
+        )
     leftover = out / ".last.pt.abcd.tmp"
     leftover.write_bytes(b"half a checkpoint")
     assert main(["train", "--resume", "--out", str(out), "--ckpt-steps", "3", "--workers", "0"]) == 0
@@ -354,8 +382,12 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path: Path, capsys, monkeypatch
 
     monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
     out = tmp_path / "run"
-    fails(capsys, ["train", *TINY, "--epochs", "1", "--ckpt-steps", "2", "--out", out],
-          "the disk is full", "last.pt was left as it was")  # fmt: skip
+    fails(
+        capsys,
+        ["train", *TINY, "--epochs", "1", "--ckpt-steps", "2", "--out", out],
+        "the disk is full",
+        "last.pt was left as it was",
+    )
     assert torch.load(out / "last.pt", weights_only=True)["global_step"] == 2
     assert not list(out.glob(".*.tmp"))
 
@@ -395,8 +427,13 @@ def test_torch_requirement_excludes_the_weights_only_bypass():
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "neusub", *map(str, args)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "neusub", *map(str, args)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -20,10 +20,18 @@ SHAPE = (4, 1, 12, 12)
 def _pair(recipe: str) -> tuple[nn.Module, nn.Module]:
     """An NS network with stochastic substitution and the block network with the same weights."""
     torch.manual_seed(0)
-    ns = neusub.create_model("resnet18", recipe=recipe, connectivity="ns", stochastic=1.0,
-                             width_mult=0.0625, num_classes=5, in_chans=1).double()  # fmt: skip
-    block = neusub.create_model("resnet18", recipe=recipe, connectivity="block",
-                                width_mult=0.0625, num_classes=5, in_chans=1).double()  # fmt: skip
+    ns = neusub.create_model(
+        "resnet18",
+        recipe=recipe,
+        connectivity="ns",
+        stochastic=1.0,
+        width_mult=0.0625,
+        num_classes=5,
+        in_chans=1,
+    ).double()
+    block = neusub.create_model(
+        "resnet18", recipe=recipe, connectivity="block", width_mult=0.0625, num_classes=5, in_chans=1
+    ).double()
     with torch.no_grad():
         ns.train()
         for _ in range(2):  # BatchNorm statistics of real-looking activations

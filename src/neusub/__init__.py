@@ -17,17 +17,39 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _NAMES = {
     "convert": "convert",
-    "check_equivalence": "deploy", "deploy": "deploy",
-    "CONNECTIVITIES": "layers", "RepConv2d": "layers", "RepLinear": "layers", "set_recompute": "layers",
-    "create_model": "models", "list_models": "models",
-    "Recipe": "recipes", "list_recipes": "recipes", "register_recipe": "recipes",
+    "check_equivalence": "deploy",
+    "deploy": "deploy",
+    "CONNECTIVITIES": "layers",
+    "RepConv2d": "layers",
+    "RepLinear": "layers",
+    "set_recompute": "layers",
+    "create_model": "models",
+    "list_models": "models",
+    "Recipe": "recipes",
+    "list_recipes": "recipes",
+    "register_recipe": "recipes",
     "load": "saved",
-    **{name: "streams" for name in (
-        "Add", "Gate", "GuidedActivation", "GuidedMaxPool2d", "PerStream", "SqueezeExcite", "StreamAdd",
-        "StreamBatchNorm2d", "StreamDropout", "StreamDropPath", "StreamGate", "StreamMerge",
-        "StreamModule", "StreamSequential", "list_activations",
-    )},
-}  # fmt: skip
+    **{
+        name: "streams"
+        for name in (
+            "Add",
+            "Gate",
+            "GuidedActivation",
+            "GuidedMaxPool2d",
+            "PerStream",
+            "SqueezeExcite",
+            "StreamAdd",
+            "StreamBatchNorm2d",
+            "StreamDropout",
+            "StreamDropPath",
+            "StreamGate",
+            "StreamMerge",
+            "StreamModule",
+            "StreamSequential",
+            "list_activations",
+        )
+    },
+}
 _SUBMODULES = ("export",)
 
 __all__ = sorted([*_NAMES, *_SUBMODULES, "__version__"])

@@ -34,9 +34,10 @@ from .layers import RepConv2d, _RepLayer
 def rep_layers(model: nn.Module, min_branches: int = 2) -> list[tuple[str, _RepLayer]]:
     """``[(name, layer)]`` of the re-parameterized layers with at least ``min_branches`` branches."""
     return [
-        (name, m) for name, m in model.named_modules()
+        (name, m)
+        for name, m in model.named_modules()
         if isinstance(m, _RepLayer) and m.num_branches >= min_branches
-    ]  # fmt: skip
+    ]
 
 
 def _mean_pairwise_cosine(vectors: Tensor, dim: int) -> float:
@@ -44,8 +45,9 @@ def _mean_pairwise_cosine(vectors: Tensor, dim: int) -> float:
     n = vectors.shape[0]
     sims = [
         F.cosine_similarity(vectors[i], vectors[j], dim=dim - 1, eps=1e-12).mean()
-        for i in range(n) for j in range(i + 1, n)
-    ]  # fmt: skip
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
     return float(torch.stack(sims).mean())
 
 
@@ -150,10 +152,13 @@ def residual_blocks(model: nn.Module) -> list[str]:
     """Names of the residual blocks with an identity shortcut (input and output of one shape):
     modules with ``conv1``, ``conv2`` and a ``downsample`` that is None or an identity."""
     return [
-        name for name, m in model.named_modules()
-        if hasattr(m, "downsample") and hasattr(m, "conv1") and hasattr(m, "conv2")
+        name
+        for name, m in model.named_modules()
+        if hasattr(m, "downsample")
+        and hasattr(m, "conv1")
+        and hasattr(m, "conv2")
         and (m.downsample is None or isinstance(m.downsample, nn.Identity))
-    ]  # fmt: skip
+    ]
 
 
 @torch.no_grad()
@@ -211,14 +216,24 @@ def topology(model: nn.Module) -> dict:
         n = layer.num_branches
         s_ns = layer.in_streams
         partitions = math.factorial(s_ns * n) // math.factorial(s_ns) ** n if n > 1 else 1
-        rows.append({
-            "layer": name, "branches": n,
-            "block": {"in_streams": 1, "pairs": n, "out_streams": 1},
-            "ns": {"in_streams": s_ns, "pairs": s_ns * n, "out_streams": layer.out_streams,
-                   "log10_partitions": _log10(partitions)},
-            "naive": {"in_streams": naive_streams, "pairs": naive_streams * n,
-                      "out_streams": naive_streams * n},
-        })  # fmt: skip
+        rows.append(
+            {
+                "layer": name,
+                "branches": n,
+                "block": {"in_streams": 1, "pairs": n, "out_streams": 1},
+                "ns": {
+                    "in_streams": s_ns,
+                    "pairs": s_ns * n,
+                    "out_streams": layer.out_streams,
+                    "log10_partitions": _log10(partitions),
+                },
+                "naive": {
+                    "in_streams": naive_streams,
+                    "pairs": naive_streams * n,
+                    "out_streams": naive_streams * n,
+                },
+            }
+        )
         naive_streams *= n
     branches = [row["branches"] for row in rows if row["branches"] > 1]
     paths = math.prod(branches)

@@ -58,10 +58,12 @@ def resnet_name(model: nn.Module) -> str:
     first = stages[0][0]
     groups = first.conv1.groups if isinstance(first, BasicBlock) else first.conv2.groups
     known = {
-        ("BasicBlock", (2, 2, 2, 2), 1): "resnet18", ("BasicBlock", (3, 4, 6, 3), 1): "resnet34",
-        ("Bottleneck", (3, 4, 6, 3), 1): "resnet50", ("Bottleneck", (3, 4, 23, 3), 1): "resnet101",
+        ("BasicBlock", (2, 2, 2, 2), 1): "resnet18",
+        ("BasicBlock", (3, 4, 6, 3), 1): "resnet34",
+        ("Bottleneck", (3, 4, 6, 3), 1): "resnet50",
+        ("Bottleneck", (3, 4, 23, 3), 1): "resnet101",
         ("Bottleneck", (3, 4, 6, 3), 32): "resnext50_32x4d",
-    }  # fmt: skip
+    }
     kinds = {BasicBlock: "BasicBlock", Bottleneck: "Bottleneck"}
     kind = next((label for cls, label in kinds.items() if isinstance(first, cls)), "?")
     name = known.get((kind, tuple(depths), groups))
@@ -193,9 +195,15 @@ def to_onnx(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             torch.onnx.export(
-                plain, (example,), str(tmp), dynamo=False, opset_version=opset,
-                input_names=["input"], output_names=["output"], dynamic_axes=axes,
-            )  # fmt: skip
+                plain,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes=axes,
+            )
         if metadata:
             _set_metadata(tmp, metadata)
         onnx.checker.check_model(str(tmp))
@@ -267,10 +275,15 @@ def to_onnx_int8(
         prepared = Path(scratch) / "prepared.onnx"  # shapes inferred, graph optimised: as ORT advises
         quant_pre_process(str(source), str(prepared))
         quantize_static(
-            str(prepared), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            str(prepared),
+            str(tmp),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, methods[method]),
-        )  # fmt: skip
+        )
         metadata = read_metadata(proto)
         if metadata:
             _set_metadata(tmp, metadata)

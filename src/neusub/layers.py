@@ -176,8 +176,9 @@ class _RepLayer(StreamModule):
         g, n = self.geom.groups, self.num_branches
         return tensor.reshape(g, n, -1, *tensor.shape[1:]).transpose(0, 1).reshape(n, -1, *tensor.shape[1:])
 
-    def stacked_kernel(self, moments, like: Tensor, which: list[int] | None = None,
-                       size: tuple[int, int] | None = None) -> fusion.Kernel:  # fmt: skip
+    def stacked_kernel(
+        self, moments, like: Tensor, which: list[int] | None = None, size: tuple[int, int] | None = None
+    ) -> fusion.Kernel:
         """Branches (all, or those at ``which``) as one conv in BN order:
         ``((n·C_out, C_in/g, kh, kw), (n·C_out,))``; ``size`` defaults to the layer's kernel."""
         branches = list(self.branches.values())
@@ -333,13 +334,25 @@ class RepConv2d(_RepLayer):
         kernel, dil = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
         same = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dil))
         geom = Geometry(
-            in_channels, out_channels, kernel, _pair(stride, "stride"),
-            same if padding is None else _pair(padding, "padding"), dil, groups,
-        )  # fmt: skip
+            in_channels,
+            out_channels,
+            kernel,
+            _pair(stride, "stride"),
+            same if padding is None else _pair(padding, "padding"),
+            dil,
+            groups,
+        )
         self._build(
-            geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, recompute,
+            geom,
+            recipe,
+            connectivity,
+            in_streams,
+            stochastic,
+            neural_drop,
+            generator,
+            recompute,
             nn.BatchNorm2d,
-        )  # fmt: skip
+        )
 
     def is_bundle(self, x: Tensor) -> bool:
         """Whether ``x`` is a stream bundle ``(S, B, C, H, W)`` rather than a plain tensor."""
@@ -354,11 +367,15 @@ class RepConv2d(_RepLayer):
         a 1×1 conv then avg-pool), or ``None`` where everything goes in one stacked k×k conv."""
         g = self.geom
         if (
-            not self.group_block_branches or self.connectivity != "block" or self.recompute
+            not self.group_block_branches
+            or self.connectivity != "block"
+            or self.recompute
             or self.normed_channels is not None
-            or g.groups != 1 or g.kernel == (1, 1) or g.padding != g.same_padding
+            or g.groups != 1
+            or g.kernel == (1, 1)
+            or g.padding != g.same_padding
             or type(self.bn) is not nn.BatchNorm2d
-        ):  # fmt: skip
+        ):
             return None
         groups: dict[str, list[int]] = {"kxk": [], "pointwise": [], "pool": []}
         for j, branch in enumerate(self.branches.values()):
@@ -399,8 +416,9 @@ class RepConv2d(_RepLayer):
             moments = self._moments(flat)
             kernels = {
                 name: self.stacked_kernel(moments, self._like, which, (1, 1) if name != "kxk" else None)
-                for name, which in groups.items() if which
-            }  # fmt: skip
+                for name, which in groups.items()
+                if which
+            }
         rate = None
         if bn.training and bn.track_running_stats:
             bn.num_batches_tracked.add_(1)
@@ -486,9 +504,16 @@ class RepLinear(_RepLayer):
         super().__init__()
         geom = Geometry(in_features, out_features, (1, 1))
         self._build(
-            geom, recipe, connectivity, in_streams, stochastic, neural_drop, generator, recompute,
+            geom,
+            recipe,
+            connectivity,
+            in_streams,
+            stochastic,
+            neural_drop,
+            generator,
+            recompute,
             nn.BatchNorm1d,
-        )  # fmt: skip
+        )
 
     def is_bundle(self, x: Tensor) -> bool:
         """Whether ``x`` is a stream bundle ``(S, B, [T,] D)`` rather than a plain tensor."""

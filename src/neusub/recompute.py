@@ -46,9 +46,17 @@ class _RecomputedBatchNorm(torch.autograd.Function):
             with torch.autocast(x.device.type, enabled=False):
                 y = ctx.op(x_leaf.to(ctx.compute_dtype), w_leaf.to(ctx.compute_dtype))
         grad_y, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=_memory_format(y)), y.detach(), gamma, None, None,
-            mean, invstd, True, ctx.eps, [True, gamma is not None, ctx.has_beta],
-        )  # fmt: skip
+            grad_out.contiguous(memory_format=_memory_format(y)),
+            y.detach(),
+            gamma,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [True, gamma is not None, ctx.has_beta],
+        )
         leaves = [t for t, need in ((x_leaf, need_x), (w_leaf, need_w)) if need]
         grads = iter(torch.autograd.grad(y, leaves, grad_y.to(y.dtype)) if leaves else ())
         grad_x = next(grads) if need_x else None

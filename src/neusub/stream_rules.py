@@ -547,8 +547,15 @@ for _name in (
 # ---------------------------------------------------------------------- normalisation
 
 
-def _normalised(inner: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None = None,
-                bias: Tensor | None = None, shape: tuple = ()) -> Tensor:  # fmt: skip
+def _normalised(
+    inner: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    shape: tuple = (),
+) -> Tensor:
     """Streams ``(S, ...)`` → ``γ (x_s − μ/S) / σ + β/S`` with the statistics of the stream sum,
     as one ``x · a + b`` (autograd keeps the input and the small ``a``, as BatchNorm does);
     ``weight`` and ``bias`` are reshaped to ``shape``."""

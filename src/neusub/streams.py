@@ -156,8 +156,9 @@ class GuidedActivation(StreamModule):
     ``act(x_s)``. The deployed ``act(Σ_s x_s)`` then differs from the training network.
     """
 
-    def __init__(self, act: str = "relu", in_streams: int = 1, negative_slope: float = 0.01,
-                 guided: bool = True):  # fmt: skip
+    def __init__(
+        self, act: str = "relu", in_streams: int = 1, negative_slope: float = 0.01, guided: bool = True
+    ):
         super().__init__()
         if act not in _GATES:
             raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_GATES)}")

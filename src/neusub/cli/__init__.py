@@ -49,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="one epoch (for smoke tests)")
 
     train = sub.add_parser(
-        "train", help="train a model (resumable)",
+        "train",
+        help="train a model (resumable)",
         description="Train a model into a run folder (resumable with --resume). The defaults below fit a "
         "short run; a preset (--preset, or the dataset's: cifar100 and imagefolder get the paper's "
         "recipes, features the vlm one) replaces those it sets. config.json records what ran.",
-    )  # fmt: skip
+    )
     train.add_argument("--config", help="JSON or TOML file of settings; flags override it")
     _add_train_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -111,9 +112,13 @@ def _run(args: argparse.Namespace) -> dict:
         return commands.cmd_train(flags, args.config, progress=not args.quiet, stop_after=args.stop_after)
     if args.command == "eval":
         return commands.cmd_eval(
-            args.checkpoint, args.dataset, args.data, args.samples, args.training_structure,
+            args.checkpoint,
+            args.dataset,
+            args.data,
+            args.samples,
+            args.training_structure,
             progress=not args.quiet and sys.stderr.isatty(),
-        )  # fmt: skip
+        )
     if args.command == "deploy":
         return commands.cmd_deploy(args.checkpoint, args.out)
     if args.command == "analyze":

@@ -218,13 +218,23 @@ def _plot_statistics(runs: dict[str, dict]):
             means = [statistics.fmean(b["ratio"] for b in r["branches"].values()) for r in layers]
             spreads = [statistics.fmean(b["spread"] for b in r["branches"].values()) for r in layers]
             depth = range(1, len(layers) + 1)
-            ax.errorbar(depth, means, yerr=spreads, linestyle=style, marker="o", ms=3, capsize=2,
-                        color=f"C{i}", label=f"{label} ({when})")  # fmt: skip
+            ax.errorbar(
+                depth,
+                means,
+                yerr=spreads,
+                linestyle=style,
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=f"C{i}",
+                label=f"{label} ({when})",
+            )
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("re-parameterized layer (depth)")
     ax.set_ylabel("σ pooled over streams / σ of the stream sum")
-    ax.set_title("what each branch's BatchNorm divides by under NS, relative to block (mean over branches)",
-                 fontsize=9)  # fmt: skip
+    ax.set_title(
+        "what each branch's BatchNorm divides by under NS, relative to block (mean over branches)", fontsize=9
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -145,7 +145,7 @@ def rng_state() -> dict:
             torch.from_numpy(np_state[1].astype(np.int64)),
             *map(int, np_state[2:4]),
             float(np_state[4]),
-        ],  # fmt: skip
+        ],
         "python": _python_state_to_lists(random.getstate()),
     }
     if torch.cuda.is_available():

@@ -45,8 +45,11 @@ def _resume_config(folder: RunFolder, explicit: dict) -> tuple[TrainConfig, dict
     saved = config_dict(config_from_dict(folder.saved_config(), str(folder.config_file)))
     asked = {key: check_value(key, value) for key, value in explicit.items() if key not in ("out", "resume")}
     changes = {key: (saved[key], value) for key, value in asked.items() if saved[key] != value}
-    refused = [f"{key}={new!r} (the run has {old!r})" for key, (old, new) in changes.items()
-               if key not in RESUME_CHANGES]  # fmt: skip
+    refused = [
+        f"{key}={new!r} (the run has {old!r})"
+        for key, (old, new) in changes.items()
+        if key not in RESUME_CHANGES
+    ]
     if refused:
         raise CLIError(
             f"--resume continues {folder.path} with its own settings: {', '.join(refused)} cannot change "
@@ -207,9 +210,13 @@ def _load_onnx_model(path: str) -> tuple[object, TrainConfig, DataInfo, str]:
 
 
 def cmd_eval(
-    path: str, dataset: str | None, data: str | None, samples: int = 0,
-    training_structure: bool = False, progress: bool = True,
-) -> dict:  # fmt: skip
+    path: str,
+    dataset: str | None,
+    data: str | None,
+    samples: int = 0,
+    training_structure: bool = False,
+    progress: bool = True,
+) -> dict:
     """Validation metrics of a run, checkpoint, deployed / torchvision file or exported ONNX file.
     A training checkpoint is evaluated deployed (the same function, at the plain network's cost)
     unless ``training_structure``; ``samples`` > 0: a fixed subset of the validation set."""
@@ -322,8 +329,13 @@ def cmd_export(
             tv = export.to_torchvision(model)
         except ValueError as err:
             raise CLIError(str(err)) from None
-        state = {"format": TORCHVISION_FORMAT, "arch": cfg.model, "state_dict": tv.state_dict(),
-                 "config": config_dict(cfg), "info": info_dict(info)}  # fmt: skip
+        state = {
+            "format": TORCHVISION_FORMAT,
+            "arch": cfg.model,
+            "state_dict": tv.state_dict(),
+            "config": config_dict(cfg),
+            "info": info_dict(info),
+        }
         atomic_save(state, target)
     else:
         with warnings.catch_warnings():  # TorchScript's deprecation notices: the file is still what was asked
@@ -349,13 +361,26 @@ def cmd_demo(out: str | None, fast: bool, progress: bool = True) -> dict:
     """Train a small NS ResNet on digits, deploy it, and show that nothing changed but the cost."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     flags = dict(
-        model="resnet18", recipe="nsnet", connectivity="ns", stochastic=1.0,
+        model="resnet18",
+        recipe="nsnet",
+        connectivity="ns",
+        stochastic=1.0,
         width_mult=0.125 if fast else 0.25,
-        stem="cifar", dataset="digits", epochs=1 if fast else 10, batch_size=128 if fast else 64,
-        opt="adamw", lr=3e-3, weight_decay=5e-2,
-        warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5, label_smoothing=0.0, drop_path=0.0,
-        auto_augment=None, out=out or f"runs/demo-{stamp}",
-    )  # fmt: skip
+        stem="cifar",
+        dataset="digits",
+        epochs=1 if fast else 10,
+        batch_size=128 if fast else 64,
+        opt="adamw",
+        lr=3e-3,
+        weight_decay=5e-2,
+        warmup_epochs=1,
+        warmup_lr=1e-4,
+        min_lr=1e-5,
+        label_smoothing=0.0,
+        drop_path=0.0,
+        auto_augment=None,
+        out=out or f"runs/demo-{stamp}",
+    )
     start = time.perf_counter()
     record = cmd_train(flags, None, progress)
     run_dir = Path(flags["out"])

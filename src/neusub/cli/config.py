@@ -24,24 +24,75 @@ from .errors import CLIError
 # Appendix B, Table 7 (batch sizes are the paper's; override with --batch-size on small machines).
 PRESETS: dict[str, dict[str, Any]] = {
     "cifar100": dict(
-        epochs=100, batch_size=2048, opt="lamb", weight_decay=1e-2, lr=3.5e-3, warmup_epochs=5,
-        warmup_lr=1e-5, min_lr=1e-6, img_size=32, label_smoothing=0.1, auto_augment="cifar10",
-        rand_augment=None, mixup=0.0, cutmix=0.0, bce=None, color_jitter=0.0, drop_path=0.15,
-        interpolation="bicubic", crop_pct=1.0, dataset="cifar100", stem="cifar",
+        epochs=100,
+        batch_size=2048,
+        opt="lamb",
+        weight_decay=1e-2,
+        lr=3.5e-3,
+        warmup_epochs=5,
+        warmup_lr=1e-5,
+        min_lr=1e-6,
+        img_size=32,
+        label_smoothing=0.1,
+        auto_augment="cifar10",
+        rand_augment=None,
+        mixup=0.0,
+        cutmix=0.0,
+        bce=None,
+        color_jitter=0.0,
+        drop_path=0.15,
+        interpolation="bicubic",
+        crop_pct=1.0,
+        dataset="cifar100",
+        stem="cifar",
     ),
     "imagenet": dict(
-        epochs=100, batch_size=1024, opt="lamb", weight_decay=1e-2, lr=3.5e-3, warmup_epochs=3,
-        warmup_lr=1e-4, min_lr=1e-6, img_size=224, label_smoothing=0.0, auto_augment=None,
-        rand_augment="rand-m7-mstd0.5", mixup=0.1, cutmix=1.0, bce=0.2, color_jitter=0.4, drop_path=0.05,
-        interpolation="random", crop_pct=0.95, dataset="imagefolder", stem="imagenet",
+        epochs=100,
+        batch_size=1024,
+        opt="lamb",
+        weight_decay=1e-2,
+        lr=3.5e-3,
+        warmup_epochs=3,
+        warmup_lr=1e-4,
+        min_lr=1e-6,
+        img_size=224,
+        label_smoothing=0.0,
+        auto_augment=None,
+        rand_augment="rand-m7-mstd0.5",
+        mixup=0.1,
+        cutmix=1.0,
+        bce=0.2,
+        color_jitter=0.4,
+        drop_path=0.05,
+        interpolation="random",
+        crop_pct=0.95,
+        dataset="imagefolder",
+        stem="imagenet",
     ),
     "vlm": dict(
-        epochs=30, batch_size=256, opt="adamw", weight_decay=1e-2, lr=3.5e-3, warmup_epochs=5,
-        warmup_lr=1e-5, min_lr=1e-5, img_size=224, label_smoothing=0.0, auto_augment=None,
-        rand_augment=None, mixup=0.0, cutmix=0.0, bce=None, color_jitter=0.0, drop_path=0.0,
-        interpolation="bicubic", crop_pct=1.0, dataset="features", model="mlp_adapter",
+        epochs=30,
+        batch_size=256,
+        opt="adamw",
+        weight_decay=1e-2,
+        lr=3.5e-3,
+        warmup_epochs=5,
+        warmup_lr=1e-5,
+        min_lr=1e-5,
+        img_size=224,
+        label_smoothing=0.0,
+        auto_augment=None,
+        rand_augment=None,
+        mixup=0.0,
+        cutmix=0.0,
+        bce=None,
+        color_jitter=0.0,
+        drop_path=0.0,
+        interpolation="bicubic",
+        crop_pct=1.0,
+        dataset="features",
+        model="mlp_adapter",
     ),
-}  # fmt: skip
+}
 # The preset a run gets when none is named: the paper's recipe for the paper's datasets only.
 DATASET_PRESETS: dict[str, str] = {"cifar100": "cifar100", "imagefolder": "imagenet", "features": "vlm"}
 MIN_STEPS = 50  # fewer optimizer steps than this train next to nothing: warn
@@ -139,9 +190,10 @@ class TrainConfig:
     )
     connectivity: str = option("ns", "block | ns | naive", one_of(_connectivities))
     stochastic: float | None = option(
-        None, "probability of re-drawing the NS partition per step (default: 1.0 under ns, as the paper)",
+        None,
+        "probability of re-drawing the NS partition per step (default: 1.0 under ns, as the paper)",
         between(0, 1),
-    )  # fmt: skip
+    )
     neural_drop: float = option(
         0.0, "probability of dropping a (stream, branch) pair", between(0, 1, open_high=True)
     )
@@ -150,9 +202,10 @@ class TrainConfig:
     width_mult: float = option(1.0, "channel width multiplier", between(0, 8, open_low=True))
     stem: str = option("cifar", "cifar | imagenet", one_of(("cifar", "imagenet")))
     preset: str | None = option(
-        None, "the paper's Appendix B hyper-parameters: cifar100 | imagenet | vlm (default: the dataset's)",
+        None,
+        "the paper's Appendix B hyper-parameters: cifar100 | imagenet | vlm (default: the dataset's)",
         one_of(tuple(PRESETS)),
-    )  # fmt: skip
+    )
     dataset: str = option("cifar100", "dataset name", one_of(_datasets))
     data: str | None = option(None, "dataset path")
     train_samples: int = option(0, "train on a fixed subset of this many samples (0: all)", at_least(0))

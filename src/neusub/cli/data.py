@@ -25,8 +25,11 @@ from .errors import CLIError
 DATASETS = ("cifar10", "cifar100", "imagefolder", "fashion-mnist", "digits", "features")
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-)  # fmt: skip
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 LAYOUTS = {
     "cifar10": "PATH/cifar-10-batches-py/{data_batch_1..5,test_batch} (torchvision's layout; or --download)",
@@ -51,8 +54,12 @@ class DataInfo:
 
 
 def info_dict(info: DataInfo) -> dict:
-    return {"num_classes": info.num_classes, "in_chans": info.in_chans,
-            "input_shape": list(info.input_shape), "kind": info.kind}  # fmt: skip
+    return {
+        "num_classes": info.num_classes,
+        "in_chans": info.in_chans,
+        "input_shape": list(info.input_shape),
+        "kind": info.kind,
+    }
 
 
 def info_from_dict(values: object, where: str) -> DataInfo:
@@ -140,12 +147,14 @@ def _image_transforms(dataset: str, preset: dict, train: bool):
     from timm.data import create_transform  # imagefolder: timm's ImageNet pipeline
 
     return create_transform(
-        preset.get("img_size", 224), is_training=train, auto_augment=preset.get("rand_augment"),
+        preset.get("img_size", 224),
+        is_training=train,
+        auto_augment=preset.get("rand_augment"),
         color_jitter=preset.get("color_jitter", 0.0),
         # Appendix B: train interpolation per preset ("random" for ImageNet), test bicubic
         interpolation=preset.get("interpolation", "bicubic") if train else "bicubic",
         crop_pct=preset.get("crop_pct", 1.0),
-    )  # fmt: skip
+    )
 
 
 def _load_split(root: Path, split: str, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,10 +242,11 @@ def load_dataset(
             raise _missing(dataset, path)
         try:
             train_set, val_set = (
-                datasets.ImageFolder(str(Path(path) / split), _image_transforms(dataset, preset, train),
-                                     loader=read_image)
+                datasets.ImageFolder(
+                    str(Path(path) / split), _image_transforms(dataset, preset, train), loader=read_image
+                )
                 for split, train in (("train", augment), ("val", False))
-            )  # fmt: skip
+            )
         except (FileNotFoundError, OSError) as err:  # a class folder without images, unreadable folders
             raise _missing(dataset, path, f" ({str(err).splitlines()[0][:160]})") from None
         size = preset.get("img_size", 224)
@@ -271,8 +281,16 @@ class SeededBatches(Dataset):
     so ranks read disjoint shards and every epoch's order depends only on ``seed``.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = True, drop_last: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.sampler = DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last

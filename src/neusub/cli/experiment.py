@@ -268,9 +268,25 @@ def tables(results: list[dict], axes: list[str]) -> str:
 
 
 def write_csv(results: list[dict], path: Path) -> None:
-    keys = ["name", "label", "val_acc_deployed", "val_acc_training", "train_acc", "equivalence_error",
-            "train_seconds", "seed", "recipe", "connectivity", "stochastic", "guided", "model", "width_mult",
-            "epochs", "train_samples", "val_samples"]  # fmt: skip
+    keys = [
+        "name",
+        "label",
+        "val_acc_deployed",
+        "val_acc_training",
+        "train_acc",
+        "equivalence_error",
+        "train_seconds",
+        "seed",
+        "recipe",
+        "connectivity",
+        "stochastic",
+        "guided",
+        "model",
+        "width_mult",
+        "epochs",
+        "train_samples",
+        "val_samples",
+    ]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()

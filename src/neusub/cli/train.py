@@ -33,8 +33,22 @@ from .data import DataInfo, SeededBatches, info_dict, load_dataset, take_subset
 from .errors import CLIError
 from .runfolder import METRICS
 
-CHECKPOINT_KEYS = ("format", "config", "info", "epoch", "step", "global_step", "totals", "metric_lines",
-                   "model", "optimizer", "scheduler", "scaler", "ema", "rng")  # fmt: skip
+CHECKPOINT_KEYS = (
+    "format",
+    "config",
+    "info",
+    "epoch",
+    "step",
+    "global_step",
+    "totals",
+    "metric_lines",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "ema",
+    "rng",
+)
 MODEL_FIELDS = ("model", "recipe", "connectivity", "act", "guided", "width_mult", "stem", "dataset")
 
 
@@ -65,10 +79,17 @@ def setup_distributed() -> Dist:
 
 def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
     kwargs = dict(
-        recipe=cfg.recipe, connectivity=cfg.connectivity, stochastic=cfg.stochastic,
-        neural_drop=cfg.neural_drop, num_classes=info.num_classes, act=cfg.act, guided=cfg.guided,
-        drop_path_rate=cfg.drop_path, width_mult=cfg.width_mult, stem=cfg.stem,
-    )  # fmt: skip
+        recipe=cfg.recipe,
+        connectivity=cfg.connectivity,
+        stochastic=cfg.stochastic,
+        neural_drop=cfg.neural_drop,
+        num_classes=info.num_classes,
+        act=cfg.act,
+        guided=cfg.guided,
+        drop_path_rate=cfg.drop_path,
+        width_mult=cfg.width_mult,
+        stem=cfg.stem,
+    )
     if info.kind == "features":
         kwargs["in_features"] = info.in_chans
     else:
@@ -159,16 +180,23 @@ class Trainer:
         self.model = model
         self.optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
-            warmup_epochs=min(cfg.warmup_epochs, max(cfg.epochs - 1, 0)), step_on_epochs=False,
+            self.optimizer,
+            sched="cosine",
+            num_epochs=cfg.epochs,
+            min_lr=cfg.min_lr,
+            warmup_lr=cfg.warmup_lr,
+            warmup_epochs=min(cfg.warmup_epochs, max(cfg.epochs - 1, 0)),
+            step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch,
-        )  # fmt: skip
+        )
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(
-                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
-                label_smoothing=cfg.label_smoothing, num_classes=self.info.num_classes,
-            )  # fmt: skip
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=self.info.num_classes,
+            )
         if cfg.bce is not None:
             self.loss_fn: nn.Module = BinaryCrossEntropy(
                 smoothing=cfg.label_smoothing, target_threshold=cfg.bce
@@ -378,7 +406,7 @@ class Trainer:
                 desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                 disable=not (self.progress and self.env.main and sys.stderr.isatty()),
                 leave=False,
-            )  # fmt: skip  (a bar only on a terminal: logs stay readable)
+            )  # a bar only on a terminal: logs stay readable
             for x, y in bar:
                 self.train_step(x, y)
                 self.step += 1
@@ -456,7 +484,11 @@ DEPLOYED_FORMAT = "neusub-deployed-v1"
 
 def save_deployed(model: nn.Module, cfg: TrainConfig, info: DataInfo, path: Path) -> nn.Module:
     deployed = deploy(model)
-    state = {"format": DEPLOYED_FORMAT, "config": config_dict(cfg), "info": info_dict(info),
-             "state_dict": deployed.state_dict()}  # fmt: skip
+    state = {
+        "format": DEPLOYED_FORMAT,
+        "config": config_dict(cfg),
+        "info": info_dict(info),
+        "state_dict": deployed.state_dict(),
+    }
     atomic_save(state, path)
     return deployed

@@ -83,9 +83,13 @@ def create_model(
     factory = LayerFactory(recipe or fallback, connectivity, stochastic, neural_drop, act, guided)
     try:
         model = builder(
-            factory, num_classes=num_classes, stem=stem, drop_path_rate=drop_path_rate,
-            width_mult=width_mult, **kwargs,
-        )  # fmt: skip
+            factory,
+            num_classes=num_classes,
+            stem=stem,
+            drop_path_rate=drop_path_rate,
+            width_mult=width_mult,
+            **kwargs,
+        )
     except TypeError as err:
         if "unexpected keyword" not in str(err):
             raise

@@ -50,28 +50,57 @@ class LayerFactory:
     def branch_level(self) -> bool:
         return self.connectivity != "block"
 
-    def rep_conv(self, in_ch: int, out_ch: int, k: int, stride: int = 1, groups: int = 1,
-                 streams: int = 1, recipe: str | Recipe | None = None) -> RepConv2d:  # fmt: skip
+    def rep_conv(
+        self,
+        in_ch: int,
+        out_ch: int,
+        k: int,
+        stride: int = 1,
+        groups: int = 1,
+        streams: int = 1,
+        recipe: str | Recipe | None = None,
+    ) -> RepConv2d:
         """A re-parameterized conv of the model's recipe and connectivity."""
         return RepConv2d(
-            in_ch, out_ch, k, stride, groups=groups, recipe=recipe or self.recipe,
-            connectivity=self.connectivity, in_streams=streams,
-            stochastic=self.stochastic, neural_drop=self.neural_drop,
-        )  # fmt: skip
+            in_ch,
+            out_ch,
+            k,
+            stride,
+            groups=groups,
+            recipe=recipe or self.recipe,
+            connectivity=self.connectivity,
+            in_streams=streams,
+            stochastic=self.stochastic,
+            neural_drop=self.neural_drop,
+        )
 
-    def plain_conv(self, in_ch: int, out_ch: int, k: int, stride: int = 1, groups: int = 1,
-                   streams: int = 1) -> RepConv2d:  # fmt: skip
+    def plain_conv(
+        self, in_ch: int, out_ch: int, k: int, stride: int = 1, groups: int = 1, streams: int = 1
+    ) -> RepConv2d:
         """A plain conv-BN. Under branch-level connectivity it maps each stream on its own
         (``naive`` with one branch: S streams in, S out, BN statistics over all of them)."""
         connectivity = "naive" if streams > 1 else "block"
-        return RepConv2d(in_ch, out_ch, k, stride, groups=groups, recipe="plain",
-                         connectivity=connectivity, in_streams=streams)  # fmt: skip
+        return RepConv2d(
+            in_ch,
+            out_ch,
+            k,
+            stride,
+            groups=groups,
+            recipe="plain",
+            connectivity=connectivity,
+            in_streams=streams,
+        )
 
     def rep_linear(self, in_f: int, out_f: int, streams: int = 1) -> RepLinear:
         return RepLinear(
-            in_f, out_f, recipe=self.recipe, connectivity=self.connectivity, in_streams=streams,
-            stochastic=self.stochastic, neural_drop=self.neural_drop,
-        )  # fmt: skip
+            in_f,
+            out_f,
+            recipe=self.recipe,
+            connectivity=self.connectivity,
+            in_streams=streams,
+            stochastic=self.stochastic,
+            neural_drop=self.neural_drop,
+        )
 
     def activation(self, streams: int) -> GuidedActivation:
         return GuidedActivation(self.act, in_streams=streams, guided=self.guided)

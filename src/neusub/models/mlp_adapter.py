@@ -37,9 +37,17 @@ class ToBundle(StreamModule):
 class MLPAdapter(nn.Module):
     """``(B, D)`` or ``(B, T, D)`` → ``(B, num_classes)``."""
 
-    def __init__(self, f: LayerFactory, in_features: int = 512, hidden: int = 512, depth: int = 2,
-                 num_classes: int = 1000, width_mult: float = 1.0, stem: str | None = None,
-                 drop_path_rate: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        f: LayerFactory,
+        in_features: int = 512,
+        hidden: int = 512,
+        depth: int = 2,
+        num_classes: int = 1000,
+        width_mult: float = 1.0,
+        stem: str | None = None,
+        drop_path_rate: float = 0.0,
+    ):
         super().__init__()
         sizes = [("in_features", in_features, 1), ("hidden", hidden, 1), ("depth", depth, 0)]
         for label, value, least in sizes:

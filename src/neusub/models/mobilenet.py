@@ -27,9 +27,20 @@ from .factory import LayerFactory
 
 # (output channels, stride) of the 13 depthwise-separable blocks
 MOBILENET_V1_BLOCKS: list[tuple[int, int]] = [
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
-]  # fmt: skip
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+]
 
 
 def scaled(channels: float, width_mult: float) -> int:
@@ -73,8 +84,15 @@ class DepthwiseSeparable(nn.Module):
 class MobileNetV1(nn.Module):
     """``(B, C, H, W) → (B, num_classes)``; ``stem="imagenet"`` (3×3/2) or ``"cifar"`` (see module doc)."""
 
-    def __init__(self, f: LayerFactory, num_classes: int = 1000, stem: str = "imagenet",
-                 drop_path_rate: float = 0.0, width_mult: float = 1.0, in_chans: int = 3):  # fmt: skip
+    def __init__(
+        self,
+        f: LayerFactory,
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        drop_path_rate: float = 0.0,
+        width_mult: float = 1.0,
+        in_chans: int = 3,
+    ):
         super().__init__()
         check_args(stem, width_mult)
         self.stem_kind = stem

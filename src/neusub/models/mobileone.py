@@ -49,8 +49,18 @@ MOBILEONES: dict[str, tuple[tuple[float, ...], int, tuple[int, ...]]] = {
 class MobileOneBlock(nn.Module):
     """Depthwise 3×3 (stride) [+ SE] + act, pointwise 1×1 [+ SE] + act; both re-parameterized."""
 
-    def __init__(self, f: LayerFactory, in_ch: int, out_ch: int, stride: int, streams: int,
-                 recipe: str | Recipe, se: bool, model: str, name: str):  # fmt: skip
+    def __init__(
+        self,
+        f: LayerFactory,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        streams: int,
+        recipe: str | Recipe,
+        se: bool,
+        model: str,
+        name: str,
+    ):
         super().__init__()
         with layer_context(model, f"{name}.dw (depthwise 3×3, {in_ch} channels, stride {stride})"):
             self.dw = f.rep_conv(in_ch, in_ch, 3, stride, groups=in_ch, streams=streams, recipe=recipe)
@@ -87,19 +97,26 @@ def _recipes(f: LayerFactory, k: int) -> tuple[str | Recipe, str | Recipe]:
 class MobileOne(nn.Module):
     """``(B, C, H, W) → (B, num_classes)``; ``stem="imagenet"`` (3×3/2) or ``"cifar"`` (3×3/1)."""
 
-    def __init__(self, f: LayerFactory, widths: tuple[float, ...], num_conv_branches: int,
-                 se_blocks: tuple[int, ...] = (0, 0, 0, 0), num_classes: int = 1000,
-                 stem: str = "imagenet", drop_path_rate: float = 0.0, width_mult: float = 1.0,
-                 in_chans: int = 3, name: str = "mobileone"):  # fmt: skip
+    def __init__(
+        self,
+        f: LayerFactory,
+        widths: tuple[float, ...],
+        num_conv_branches: int,
+        se_blocks: tuple[int, ...] = (0, 0, 0, 0),
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        drop_path_rate: float = 0.0,
+        width_mult: float = 1.0,
+        in_chans: int = 3,
+        name: str = "mobileone",
+    ):
         super().__init__()
         check_args(stem, width_mult)
         self.stem_kind = stem
         stem_recipe, recipe = _recipes(f, num_conv_branches)
         stem_ch = scaled(min(64.0, 64 * widths[0]), width_mult)
         with layer_context(name, f"stem (3×3, {in_chans} → {stem_ch} channels)"):
-            self.conv_stem = f.rep_conv(
-                in_chans, stem_ch, 3, 1 if stem == "cifar" else 2, recipe=stem_recipe
-            )  # fmt: skip
+            self.conv_stem = f.rep_conv(in_chans, stem_ch, 3, 1 if stem == "cifar" else 2, recipe=stem_recipe)
         self.act_stem = f.activation(self.conv_stem.out_streams)
         streams, in_ch = self.conv_stem.out_streams, stem_ch
         stages = []
@@ -108,8 +125,9 @@ class MobileOne(nn.Module):
             blocks = []
             for i in range(depth):
                 se = i >= depth - n_se
-                blk = MobileOneBlock(f, in_ch, out_ch, 2 if i == 0 else 1, streams, recipe, se, name,
-                                     f"stages.{s}.{i}")  # fmt: skip
+                blk = MobileOneBlock(
+                    f, in_ch, out_ch, 2 if i == 0 else 1, streams, recipe, se, name, f"stages.{s}.{i}"
+                )
                 blocks.append(blk)
                 streams, in_ch = blk.out_streams, out_ch
             stages.append(nn.Sequential(*blocks))

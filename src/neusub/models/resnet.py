@@ -17,9 +17,15 @@ from .factory import LayerFactory
 # name: cardinality (groups of the 3×3 convs); the block and depths are timm's
 RESNETS = {"resnet18": 1, "resnet34": 1, "resnet50": 1, "resnet101": 1, "resnext50_32x4d": 32}
 TIMM_ACTS = {
-    "relu": "relu", "leaky_relu": "leaky_relu", "silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
-    "hardswish": "hard_swish", "mish": "mish", "relu6": "relu6",
-}  # fmt: skip
+    "relu": "relu",
+    "leaky_relu": "leaky_relu",
+    "silu": "silu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_tanh",
+    "hardswish": "hard_swish",
+    "mish": "mish",
+    "relu6": "relu6",
+}
 
 
 def residual_kxk(path: str, module: nn.Module) -> bool:
@@ -49,9 +55,15 @@ def plain_resnet(
     if groups > 1:  # timm's grouped 3×3 has planes · base_width/64 · groups channels: keep it ≥ groups
         widths = [max(16, w) for w in widths]
     model = timm.create_model(
-        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, channels=tuple(widths),
-        act_layer=TIMM_ACTS[act], drop_path_rate=drop_path_rate, **timm_kwargs,
-    )  # fmt: skip
+        name,
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        channels=tuple(widths),
+        act_layer=TIMM_ACTS[act],
+        drop_path_rate=drop_path_rate,
+        **timm_kwargs,
+    )
     _set_stem(model, stem, in_chans, widths[0])
     return model
 
