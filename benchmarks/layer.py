@@ -303,13 +303,13 @@ def profile_fast(args: argparse.Namespace, iters: int, iters_components: int = 5
     geom = layer.geom
     with torch.no_grad():
         moments = input_moments(flat)
-        weight, bias = layer.stacked_kernel(moments, flat)
+        weight, bias = layer.stacked_kernel_for_batch(moments, flat)
         z = layer.bn(F.conv2d(flat, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups))
     mixing = mixing_matrix(random_partition(s, n), s, n)
     z_shape = (s, b, geom.groups, n, geom.out_channels // geom.groups, z.shape[-2] * z.shape[-1])
     g_mean, g_cov = torch.randn_like(moments.mean), torch.randn_like(moments.cov)
     w_leaf, b_leaf = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    mean_leaf, cov_leaf = moments.mean.clone().requires_grad_(), moments.cov.clone().requires_grad_()
+    mean_leaf, rows_leaf = moments.mean.clone().requires_grad_(), moments.rows.clone().requires_grad_()
     g_w, g_b = torch.randn_like(weight), torch.randn_like(bias)
     z_leaf = z.clone().requires_grad_()
     g_z = torch.randn_like(z)
@@ -321,8 +321,8 @@ def profile_fast(args: argparse.Namespace, iters: int, iters_components: int = 5
 
     def kernel_step() -> None:
         layer.zero_grad(set_to_none=True)
-        leaf = type(moments)(mean_leaf, cov_leaf, moments.count)
-        w, bb = layer.stacked_kernel(leaf, flat)
+        leaf = type(moments)(mean_leaf, rows_leaf, moments.count)
+        w, bb = layer.stacked_kernel_for_batch(leaf, flat)
         torch.autograd.backward([w, bb], [g_w, g_b])
 
     def conv_step() -> None:

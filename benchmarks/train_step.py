@@ -259,7 +259,9 @@ def _profile_labels(enabled: bool):
         setattr(owner, attr, wrapped)
 
     wrap(layers, "input_moments", "neusub::input_moments")
-    wrap(layers._RepLayer, "stacked_kernel", "neusub::stacked_kernel (kernel composition)")
+    wrap(
+        layers._RepLayer, "stacked_kernel_for_batch", "neusub::stacked_kernel_for_batch (kernel composition)"
+    )
     wrap(layers._RepLayer, "_connect", "neusub::_connect (einsum mixing / sum)")
     wrap(streams.GuidedActivation, "forward_streams", "neusub::guided_activation")
     wrap(streams.StreamAdd, "forward_streams", "neusub::stream_add")

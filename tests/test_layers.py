@@ -535,5 +535,5 @@ def test_few_rows_take_the_variance_from_the_rows():
     assert torch.allclose(direct, through_cov, rtol=1e-12, atol=0)
     layer = RepLinear(12, 12, recipe="nsnet").double()
     fresh = input_moments(x)
-    layer.branches["1x1_4c_kxk"].inner_affine(fresh)
+    layer.branches["1x1_4c_kxk"].batch_affine(fresh)
     assert "cov" not in fresh.__dict__

@@ -25,6 +25,8 @@ _NAMES = {
     "set_recompute": "layers",
     "create_model": "models",
     "list_models": "models",
+    "list_activations": "activations",
+    "register_activation": "activations",
     "Recipe": "recipes",
     "list_recipes": "recipes",
     "register_recipe": "recipes",
@@ -46,7 +48,6 @@ _NAMES = {
             "StreamMerge",
             "StreamModule",
             "StreamSequential",
-            "list_activations",
         )
     },
 }

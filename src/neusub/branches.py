@@ -1,11 +1,15 @@
-"""Branch modules: each turns its parameters into one k×k kernel and bias.
+"""Branch kinds: modules that each turn their parameters into one k×k kernel and bias.
 
-A branch's ``kernel(moments, like)`` returns ``(kernel, bias)`` of shape
-``((C_out, C_in // groups, kh, kw), (C_out,))`` in the layer's kernel size, *before*
-the branch's outer BatchNorm (the layer stacks all outer BNs into one). Sequential
-branches (1×1 → BN → k×k / avg-pool) are composed analytically: their inner BN
-is an affine map whose training-mode statistics follow from the input's channel
-moments (docs/design.md §3), so the branch is one conv with identical values and gradients.
+A branch's ``kernel(like, size)`` returns ``(kernel, bias)`` of shape
+``((C_out, C_in // groups, kh, kw), (C_out,))`` in kernel size ``size``, *before* the
+branch's outer BatchNorm (the layer stacks all outer BNs into one). Sequential branches
+(1×1 → BN → k×k / avg-pool) are composed analytically: their inner BN is an affine map
+whose training-mode statistics follow from the input's channel moments (docs/design.md
+§3), so the branch is one conv with identical values and gradients; in a training forward
+the layer asks for ``kernel_for_batch(moments, ...)``, which also records those statistics.
+
+Each kind is one entry of :data:`BRANCH_KINDS` (``Branch.kind`` → class); a new kind is a
+:class:`BranchModule` subclass and :func:`register_branch_kind`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fusion
+from .batchnorm import running_affine, update_running_stats, uses_batch_stats
 from .recipes import Branch, Geometry
 
 
@@ -85,7 +90,32 @@ def _conv_weight(out_ch: int, in_per_group: int, kernel: tuple[int, int]) -> nn.
     return nn.Parameter(weight)
 
 
-class ConvBranch(nn.Module):
+class BranchModule(nn.Module):
+    """What a branch kind provides; built as ``cls(spec: Branch, geom: Geometry)``."""
+
+    # Whether kernel_for_batch needs the channel moments of the layer input (an inner BN
+    # that normalises with batch statistics); computing them costs a pass over the input.
+    needs_moments: bool = False
+
+    def kernel(self, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+        """``(kernel (C_out, C_in/g, *size), bias (C_out,))`` with any inner BN in eval form;
+        made in ``like``'s dtype and device."""
+        raise NotImplementedError
+
+    def kernel_for_batch(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+        """The kernel of a training forward over a batch with channel ``moments``: an inner BN
+        normalises as it would in this forward and, in training mode, records the batch in
+        its running statistics (as ``nn.BatchNorm``'s forward does). Default: :meth:`kernel`."""
+        return self.kernel(like, size)
+
+    def block_group(self, geom: Geometry) -> str:
+        """How block connectivity runs the branch at its own cost (see ``RepConv2d.block_groups``):
+        ``"pointwise"``: its kernel at size 1×1, as a 1×1 conv; ``"pool"``: that 1×1 conv, then
+        the layer's avg-pool; ``"kxk"``: the full kernel."""
+        return "kxk"
+
+
+class ConvBranch(BranchModule):
     """conv(kh×kw) → [outer BN], centred in the layer's kernel."""
 
     def __init__(self, spec: Branch, geom: Geometry):
@@ -93,23 +123,29 @@ class ConvBranch(nn.Module):
         self.groups = geom.groups
         self.weight = _conv_weight(geom.out_channels, geom.in_channels // geom.groups, spec.kernel)
 
-    def kernel(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+    def kernel(self, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
         return fusion.pad_kernel(self.weight, size), self.weight.new_zeros(self.weight.shape[0])
 
+    def block_group(self, geom: Geometry) -> str:
+        return "pointwise" if self.weight.shape[2:] == (1, 1) else "kxk"
 
-class FixedBranch(nn.Module):
+
+class FixedBranch(BranchModule):
     """Identity or avg-pool → [outer BN]: a constant kernel, no parameters."""
 
     def __init__(self, spec: Branch, geom: Geometry):
         super().__init__()
         self.kind, self.channels, self.groups = spec.kind, geom.out_channels, geom.groups
 
-    def kernel(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+    def kernel(self, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
         make = fusion.identity_kernel if self.kind == "identity" else fusion.avg_pool_kernel
         return make(self.channels, self.groups, size, like=like), like.new_zeros(self.channels)
 
+    def block_group(self, geom: Geometry) -> str:
+        return "pointwise" if self.kind == "identity" else "kxk"
 
-class SequentialBranch(nn.Module):
+
+class SequentialBranch(BranchModule):
     """1×1 → BN → (k×k conv | avg-pool) → [outer BN], composed into one k×k conv."""
 
     def __init__(self, spec: Branch, geom: Geometry):
@@ -127,23 +163,33 @@ class SequentialBranch(nn.Module):
         """Whether the inner BN normalises with batch statistics (then it needs the input's moments)."""
         return uses_batch_stats(self.bn1)
 
-    def inner_affine(self, moments: Moments | None) -> tuple[Tensor, Tensor]:
-        """The inner BN as ``(scale, shift)``. With ``moments`` (a training forward), what the BN
-        itself would use: batch statistics if :func:`uses_batch_stats` (by its own ``training``
-        flag, not the layer's), updating its running ones; else, and without moments, running ones."""
+    def batch_affine(self, moments: Moments) -> tuple[Tensor, Tensor]:
+        """The inner BN as ``(scale, shift)`` in a training forward over input ``moments``: what
+        the BN itself would use, batch statistics if :func:`uses_batch_stats` (by its own
+        ``training`` flag, not the layer's), which it then records in its running ones (in
+        training mode); else its running statistics."""
         bn = self.bn1
-        if moments is None or not uses_batch_stats(bn):
+        if not uses_batch_stats(bn):
             return running_affine(bn)
         groups = moments.rows.shape[0]  # not .cov: that would compute the covariance
         w1 = self.conv1.reshape(groups, -1, self.conv1.shape[1])  # (G, M/G, C_in/G)
         mean = (w1 @ moments.mean.reshape(groups, -1, 1)).flatten()
         var = moments.projected_variance(w1)  # diag(W₁ Σ W₁ᵀ), group by group
-        if bn.training:
-            update_running_stats(bn, mean, var, moments.count)
+        update_running_stats(bn, mean, var, moments.count)
         return fusion.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
 
-    def kernel(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
-        first = fusion.fold_conv_bn(self.conv1, None, *self.inner_affine(moments))
+    def kernel(self, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+        return self._composed(running_affine(self.bn1), like, size)
+
+    def kernel_for_batch(self, moments: Moments | None, like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+        inner = running_affine(self.bn1) if moments is None else self.batch_affine(moments)
+        return self._composed(inner, like, size)
+
+    def block_group(self, geom: Geometry) -> str:
+        return "pool" if self.to_avg and geom.dilation == (1, 1) else "kxk"
+
+    def _composed(self, inner: tuple[Tensor, Tensor], like: Tensor, size: tuple[int, int]) -> fusion.Kernel:
+        first = fusion.fold_conv_bn(self.conv1, None, *inner)
         if self.to_avg:
             second = fusion.avg_pool_kernel(first[1].numel(), self.groups, size, like=like)
         else:
@@ -151,34 +197,8 @@ class SequentialBranch(nn.Module):
         return fusion.merge_1x1_kxk(first, (second, like.new_zeros(second.shape[0])), self.groups)
 
 
-def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
-    """``nn.BatchNorm``'s own rule: batch statistics in training mode, or when it keeps none."""
-    return bn.training or bn.running_mean is None
-
-
-def running_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-    """``bn`` in eval mode as ``(scale, shift)``; a BN that keeps no running statistics has none."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(
-            f"{bn} keeps no running statistics (track_running_stats=False), so it has no fixed affine "
-            "form to fuse or deploy; build it with track_running_stats=True"
-        )
-    return fusion.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-
-
-@torch.no_grad()
-def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
-    """What ``F.batch_norm`` does to the running buffers in training mode."""
-    if not bn.track_running_stats or bn.running_mean is None:
-        return
-    bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    unbiased = var * count / max(count - 1, 1)
-    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
-
-
-_BRANCH_TYPES = {
+# ``Branch.kind`` → the module that implements it (the kinds are described at recipes.Branch)
+BRANCH_KINDS: dict[str, type[BranchModule]] = {
     "conv": ConvBranch,
     "identity": FixedBranch,
     "avg": FixedBranch,
@@ -187,5 +207,16 @@ _BRANCH_TYPES = {
 }
 
 
-def make_branch(spec: Branch, geom: Geometry) -> nn.Module:
-    return _BRANCH_TYPES[spec.kind](spec, geom)
+def register_branch_kind(kind: str, module: type[BranchModule]) -> None:
+    """Add a branch kind: recipes may then list ``Branch(name, kind, ...)``."""
+    if kind in BRANCH_KINDS:
+        raise ValueError(f"branch kind {kind!r} is already registered")
+    BRANCH_KINDS[kind] = module
+
+
+def make_branch(spec: Branch, geom: Geometry) -> BranchModule:
+    if spec.kind not in BRANCH_KINDS:
+        raise ValueError(
+            f"branch {spec.name!r}: unknown kind {spec.kind!r}; choose one of {', '.join(BRANCH_KINDS)}"
+        )
+    return BRANCH_KINDS[spec.kind](spec, geom)

@@ -18,16 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fusion
-from .branches import (
-    ConvBranch,
-    FixedBranch,
-    Moments,
-    SequentialBranch,
-    input_moments,
-    make_branch,
+from .batchnorm import (
+    batch_norm_of_channels,
+    count_batch,
+    leave_constant_out,
     running_affine,
-    uses_batch_stats,
 )
+from .branches import Moments, input_moments, make_branch
 from .bundle import Bundle, active_probe, wrap
 from .partition import draw_mixing, partition_sum
 from .recipes import Geometry, Recipe, as_recipe, build_branches
@@ -85,7 +82,7 @@ class _RepLayer(StreamModule):
         self.branches = nn.ModuleDict({spec.name: make_branch(spec, geom) for spec in specs})
         self._num_branches = len(specs)  # kept after reparameterize() drops the branches
         # One BN for all branches; channels ordered (groups, branch, C_out // groups) so a
-        # single grouped conv can produce every branch (see stacked_kernel). Branches without
+        # single grouped conv can produce every branch (see stacked_kernel_for_batch). Branches without
         # BN (norm=False) keep their channels out of it: ``normed_channels`` lists the others.
         per_group = geom.out_channels // geom.groups
         slots = itertools.product(range(geom.groups), enumerate(specs), range(per_group))
@@ -176,14 +173,20 @@ class _RepLayer(StreamModule):
         g, n = self.geom.groups, self.num_branches
         return tensor.reshape(g, n, -1, *tensor.shape[1:]).transpose(0, 1).reshape(n, -1, *tensor.shape[1:])
 
-    def stacked_kernel(
-        self, moments, like: Tensor, which: list[int] | None = None, size: tuple[int, int] | None = None
+    def stacked_kernel_for_batch(
+        self,
+        moments: Moments | None,
+        like: Tensor,
+        which: list[int] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> fusion.Kernel:
-        """Branches (all, or those at ``which``) as one conv in BN order:
+        """Branches (all, or those at ``which``) as one conv in BN order for a training forward
+        over input ``moments`` (inner BNs record the batch: ``BranchModule.kernel_for_batch``):
         ``((n·C_out, C_in/g, kh, kw), (n·C_out,))``; ``size`` defaults to the layer's kernel."""
         branches = list(self.branches.values())
         chosen = [branches[j] for j in which] if which is not None else branches
-        kernels, biases = zip(*(b.kernel(moments, like, size or self.geom.kernel) for b in chosen))
+        size = size or self.geom.kernel
+        kernels, biases = zip(*(b.kernel_for_batch(moments, like, size) for b in chosen))
         g, n = self.geom.groups, len(chosen)
 
         def to_bn_order(t: Tensor) -> Tensor:
@@ -209,7 +212,7 @@ class _RepLayer(StreamModule):
         scales, shifts = self._split(scale), self._split(shift)
         like = scale
         return [
-            fusion.fold_conv_bn(*branch.kernel(None, like, self.geom.kernel), scales[j], shifts[j])
+            fusion.fold_conv_bn(*branch.kernel(like, self.geom.kernel), scales[j], shifts[j])
             for j, branch in enumerate(self.branches.values())
         ]
 
@@ -228,7 +231,7 @@ class _RepLayer(StreamModule):
     def _moments(self, flat: Tensor) -> Moments | None:
         """The input's channel moments when a composed branch's inner BN uses batch statistics
         (by that BN's own mode: a frozen BN in a training network uses its running ones), else None."""
-        if not any(getattr(b, "needs_moments", False) for b in self.branches.values()):
+        if not any(b.needs_moments for b in self.branches.values()):
             return None
         return input_moments(flat.to(self._like.dtype), self.geom.groups)
 
@@ -238,22 +241,15 @@ class _RepLayer(StreamModule):
         # Kernels and moments in the parameters' dtype even under autocast (AMP): they are
         # small, and composing them in bf16 would lose the exactness the fusion relies on.
         with _without_autocast(flat):
-            weight, bias = self.stacked_kernel(self._moments(flat), self._like)
+            weight, bias = self.stacked_kernel_for_batch(self._moments(flat), self._like)
         if self.normed_channels is not None:  # branches without BN: normalise only the others
             z = op(flat, weight, bias)
             normed = bn(z.index_select(1, self.normed_channels))
             return z.index_copy(1, self.normed_channels, normed.to(z.dtype))
         if self.recompute and bn.training and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d):
             return recomputed_batch_norm(lambda x, w: op(x, w, None), flat, weight, bias, bn)
-        rate = bn.momentum if bn.momentum is not None else 1.0 / (float(bn.num_batches_tracked) + 1.0)
-        if bn.training and bn.track_running_stats and rate < 1.0:
-            # A training-mode BN removes any per-channel constant (its gradient is exactly zero),
-            # so the bias only moves the running mean: pre-shift that by rate/(1-rate)·bias (the
-            # update scales it by 1-rate and adds rate·batch_mean) instead of adding the bias
-            # to the big conv output.
-            with torch.no_grad():
-                bn.running_mean.add_(bias.detach().to(bn.running_mean.dtype), alpha=rate / (1.0 - rate))
-            return bn(op(flat, weight, None))
+        if leave_constant_out(bn, bias):
+            return bn(op(flat, weight, None))  # the bias, which cannot change the output, left out
         return bn(op(flat, weight, bias))
 
     def _post_normed(self, out: Tensor) -> Tensor:
@@ -379,14 +375,7 @@ class RepConv2d(_RepLayer):
             return None
         groups: dict[str, list[int]] = {"kxk": [], "pointwise": [], "pool": []}
         for j, branch in enumerate(self.branches.values()):
-            if isinstance(branch, FixedBranch) and branch.kind == "identity":
-                groups["pointwise"].append(j)
-            elif isinstance(branch, ConvBranch) and branch.weight.shape[2:] == (1, 1):
-                groups["pointwise"].append(j)
-            elif isinstance(branch, SequentialBranch) and branch.to_avg and g.dilation == (1, 1):
-                groups["pool"].append(j)
-            else:
-                groups["kxk"].append(j)
+            groups[branch.block_group(g)].append(j)
         return groups if groups["pointwise"] or groups["pool"] else None
 
     def _batch_norm_branches(self, y: Tensor, which: list[int], bias: Tensor, rate: float | None) -> Tensor:
@@ -394,20 +383,7 @@ class RepConv2d(_RepLayer):
         channels ``j·C … (j+1)·C``); ``rate``: this step's running-stat rate (None: no update)."""
         bn, c = self.bn, self.geom.out_channels
         index = torch.cat([torch.arange(j * c, (j + 1) * c, device=y.device) for j in which])
-        weight = bn.weight[index] if bn.weight is not None else None
-        shift = bn.bias[index] if bn.bias is not None else None
-        if not uses_batch_stats(bn):
-            y = y + bias.to(y.dtype)[:, None, None]
-            mean, var = bn.running_mean[index], bn.running_var[index]
-            return F.batch_norm(y, mean, var, weight, shift, False, 0.0, bn.eps)
-        if rate is None:
-            return F.batch_norm(y, None, None, weight, shift, True, 0.0, bn.eps)
-        mean, var = bn.running_mean[index], bn.running_var[index]
-        out = F.batch_norm(y, mean, var, weight, shift, True, rate, bn.eps)  # updates mean, var
-        with torch.no_grad():  # a per-channel constant before a training BN only moves its mean
-            bn.running_mean[index] = mean + rate * bias.detach().to(mean.dtype)
-            bn.running_var[index] = var
-        return out
+        return batch_norm_of_channels(bn, y, index, bias, rate)
 
     def _forward_block_groups(self, flat: Tensor, groups: dict[str, list[int]]) -> Tensor:
         """``(B, C_in, H, W)`` → ``(B, H', W', C_out)``: Σ over branches, each group its own conv."""
@@ -415,14 +391,13 @@ class RepConv2d(_RepLayer):
         with _without_autocast(flat):  # as in _run_branches
             moments = self._moments(flat)
             kernels = {
-                name: self.stacked_kernel(moments, self._like, which, (1, 1) if name != "kxk" else None)
+                name: self.stacked_kernel_for_batch(
+                    moments, self._like, which, (1, 1) if name != "kxk" else None
+                )
                 for name, which in groups.items()
                 if which
             }
-        rate = None
-        if bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            rate = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        rate = count_batch(bn)  # one batch for all groups
         out = None
         for name, (weight, bias) in kernels.items():
             if name == "kxk":

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .branches import update_running_stats
+from .batchnorm import update_running_stats
 
 Op = Callable[[Tensor, Tensor], Tensor]
 

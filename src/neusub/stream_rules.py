@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .activations import ACTIVATIONS, clamp_gate
 from .bundle import GUIDED, Bundle, Rule, count, merge, merged_call, rule, wrap
-from .streams import _GATES, _clamp_gate
 
 # ---------------------------------------------------------------------- helpers
 
@@ -436,10 +436,10 @@ def _setitem(func, args, kwargs):
 # ---------------------------------------------------------------------- guided activations
 
 
+# Gates of parameterised functions that have no deployed module of their own in the registry.
 _RULE_GATES = {
-    **_GATES,
     "prelu": lambda x, z, weight: torch.where(z > 0, x, x * _channel_view(weight, z.dim())),
-    "hardtanh": lambda x, z, bounds: _clamp_gate(x, z, *bounds),
+    "hardtanh": lambda x, z, bounds: clamp_gate(x, z, *bounds),
 }
 
 
@@ -452,7 +452,8 @@ def _guided(x: Any, gate: str, arg: Any = 0.0) -> Tensor:
     """Stream s → ``x_s · g(Σ x)`` (``act(x_s)`` when guided activations are off: not exact)."""
     inner = x.streams
     with torch._C.DisableTorchFunctionSubclass():
-        return wrap(_RULE_GATES[gate](inner, inner.sum(0) if GUIDED.get() else inner, arg))
+        apply = ACTIVATIONS[gate].gate if gate in ACTIVATIONS else _RULE_GATES[gate]
+        return wrap(apply(inner, inner.sum(0) if GUIDED.get() else inner, arg))
 
 
 def _activation(
@@ -483,10 +484,16 @@ def _positional(index: int, name: str, default: Any) -> Callable[[tuple, dict], 
 
 rule(F.relu, torch.relu, Tensor.relu)(_activation("relu"))
 rule(torch.relu_, Tensor.relu_, F.relu_)(_activation("relu", always_inplace=True))
-rule(F.silu)(_activation("silu"))
-rule(F.hardswish)(_activation("hardswish"))
-rule(F.mish)(_activation("mish"))
-rule(F.relu6)(_activation("relu6"))
+
+
+def register_activation_rules(name: str) -> None:
+    """The guided rule for each ``f(x, inplace=False)`` of registry entry ``name``."""
+    for function in ACTIVATIONS[name].functions:
+        rule(function)(_activation(name))
+
+
+for _name in ACTIVATIONS:
+    register_activation_rules(_name)
 rule(F.leaky_relu)(_activation("leaky_relu", _positional(1, "negative_slope", 0.01), inplace_at=2))
 rule(F.prelu)(_activation("prelu", _positional(1, "weight", None), inplace_at=None))
 

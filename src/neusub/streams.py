@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .branches import running_affine, update_running_stats, uses_batch_stats
+from .activations import ACTIVATIONS, activation, deployed_module
+from .batchnorm import running_affine, update_running_stats, uses_batch_stats
 from .deploy import to_plain
 from .fusion import bn_affine
 
@@ -108,49 +109,12 @@ class StreamModule(nn.Module):
 
 # --------------------------------------------------------------------------- guided ops
 
-# act(z) = z * gate(z); each maps (bundle x, sum z, slope) -> x * gate(z). The piecewise
-# gates use torch.where so that backward keeps a bool mask, not a float gate.
-_GATES = {
-    "relu": lambda x, z, slope: torch.where(z > 0, x, 0.0),
-    "leaky_relu": lambda x, z, slope: torch.where(z > 0, x, x * slope),
-    "silu": lambda x, z, slope: x * torch.sigmoid(z),
-    "gelu": lambda x, z, slope: x * (0.5 * (1.0 + torch.erf(z * 0.7071067811865476))),
-    "gelu_tanh": lambda x, z, slope: (
-        x * (0.5 * (1.0 + torch.tanh(0.7978845608028654 * (z + 0.044715 * z**3))))
-    ),
-    "hardswish": lambda x, z, slope: x * (F.relu6(z + 3.0) / 6.0),
-    "mish": lambda x, z, slope: x * torch.tanh(F.softplus(z)),
-    "relu6": lambda x, z, slope: _clamp_gate(x, z, 0.0, 6.0),
-}
-_PLAIN_ACTS = {
-    "relu": lambda slope: nn.ReLU(),
-    "leaky_relu": nn.LeakyReLU,
-    "silu": lambda slope: nn.SiLU(),
-    "gelu": lambda slope: nn.GELU(),
-    "gelu_tanh": lambda slope: nn.GELU(approximate="tanh"),
-    "hardswish": lambda slope: nn.Hardswish(),
-    "mish": lambda slope: nn.Mish(),
-    "relu6": lambda slope: nn.ReLU6(),
-}
-
-
-def _clamp_gate(x: Tensor, z: Tensor, low: float, high: float) -> Tensor:
-    """``clamp(z, low, high) = z · g(z)`` for ``low <= 0 <= high``: g is 1 inside, ``high / z``
-    above and ``low / z`` below (0 where the bound is 0)."""
-    above = torch.where(z > high, high / torch.where(z > high, z, 1.0), 1.0)
-    below = torch.where(z < low, low / torch.where(z < low, z, -1.0), 1.0)
-    return x * above * below
-
-
-def list_activations() -> list[str]:
-    return list(_GATES)
-
 
 class GuidedActivation(StreamModule):
     """Guided activation (paper Alg. 2): stream s → ``x_s · g(Σ_s x_s)``.
 
-    Exact for every ``act(z) = z · g(z)``: relu, relu6, leaky_relu, silu, gelu (erf and tanh),
-    hardswish, mish.
+    Exact for every ``act(z) = z · g(z)`` of :mod:`neusub.activations` (relu, relu6,
+    leaky_relu, silu, gelu erf and tanh, hardswish, mish, and any registered one).
     Input: a bundle ``(S, B, ...)``; with ``in_streams == 1`` any tensor.
     ``guided=False`` is the paper's ablation: every stream activated on its own,
     ``act(x_s)``. The deployed ``act(Σ_s x_s)`` then differs from the training network.
@@ -160,16 +124,15 @@ class GuidedActivation(StreamModule):
         self, act: str = "relu", in_streams: int = 1, negative_slope: float = 0.01, guided: bool = True
     ):
         super().__init__()
-        if act not in _GATES:
-            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_GATES)}")
+        activation(act)  # an unknown name is an error here, not at the first forward
         self.act, self.negative_slope, self.guided = act, negative_slope, guided
         self.in_streams = check_streams(in_streams)
 
     def forward_streams(self, x: Tensor) -> Tensor:
         if self.in_streams == 1 or not self.guided:  # nothing to guide: act(x) = x · g(x)
-            return _GATES[self.act](x, x, self.negative_slope)
+            return ACTIVATIONS[self.act].gate(x, x, self.negative_slope)
         x = self._bundle(x)
-        return _GATES[self.act](x, x.sum(0), self.negative_slope)
+        return ACTIVATIONS[self.act].gate(x, x.sum(0), self.negative_slope)
 
     def fuse(self) -> nn.Module:
         if not self.guided and self.in_streams > 1:
@@ -179,7 +142,7 @@ class GuidedActivation(StreamModule):
                 "an exact deploy",
                 stacklevel=2,
             )
-        return _PLAIN_ACTS[self.act](self.negative_slope)
+        return deployed_module(self.act, self.negative_slope)
 
     def extra_repr(self) -> str:
         return f"{self.act!r}, " + ("guided=False, " if not self.guided else "") + super().extra_repr()
@@ -300,8 +263,7 @@ def sum_batch_norm(streams: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tens
     if uses_batch_stats(bn):
         total = streams.sum(0)
         var, mean = torch.var_mean(total, dim=[d for d in range(total.dim()) if d != 1], correction=0)
-        if bn.training:
-            update_running_stats(bn, mean, var, total.numel() // total.shape[1])
+        update_running_stats(bn, mean, var, total.numel() // total.shape[1])
         scale, shift = bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
     else:
         scale, shift = running_affine(bn)

@@ -147,7 +147,7 @@ def _recipes() -> list[str]:
 
 
 def _activations() -> list[str]:
-    from ..streams import list_activations
+    from ..activations import list_activations
 
     return list_activations()
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..activations import activation
 from ..layers import CONNECTIVITIES, RepConv2d, RepLinear
 from ..recipes import Recipe, as_recipe
 from ..streams import (
@@ -22,7 +23,6 @@ from ..streams import (
     StreamGate,
     StreamMerge,
     check_probability,
-    list_activations,
 )
 
 
@@ -41,8 +41,7 @@ class LayerFactory:
             raise ValueError(
                 f"unknown connectivity {self.connectivity!r}; choose one of {', '.join(CONNECTIVITIES)}"
             )
-        if self.act not in list_activations():
-            raise ValueError(f"unknown act {self.act!r}; choose one of {', '.join(list_activations())}")
+        activation(self.act)
         check_probability(self.stochastic, "stochastic")
         check_probability(self.neural_drop, "neural_drop")
 

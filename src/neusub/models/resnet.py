@@ -11,21 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..activations import timm_act_layer
 from ..convert import LayerSpec, convert
 from .factory import LayerFactory
 
 # name: cardinality (groups of the 3×3 convs); the block and depths are timm's
 RESNETS = {"resnet18": 1, "resnet34": 1, "resnet50": 1, "resnet101": 1, "resnext50_32x4d": 32}
-TIMM_ACTS = {
-    "relu": "relu",
-    "leaky_relu": "leaky_relu",
-    "silu": "silu",
-    "gelu": "gelu",
-    "gelu_tanh": "gelu_tanh",
-    "hardswish": "hard_swish",
-    "mish": "mish",
-    "relu6": "relu6",
-}
 
 
 def residual_kxk(path: str, module: nn.Module) -> bool:
@@ -48,8 +39,6 @@ def plain_resnet(
 
     if stem not in ("imagenet", "cifar"):
         raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
-    if act not in TIMM_ACTS:
-        raise ValueError(f"unknown act {act!r}; choose one of {', '.join(TIMM_ACTS)}")
     groups = RESNETS[name]
     widths = [max(1, int(round(c * width_mult))) for c in (64, 128, 256, 512)]
     if groups > 1:  # timm's grouped 3×3 has planes · base_width/64 · groups channels: keep it ≥ groups
@@ -60,7 +49,7 @@ def plain_resnet(
         num_classes=num_classes,
         in_chans=in_chans,
         channels=tuple(widths),
-        act_layer=TIMM_ACTS[act],
+        act_layer=timm_act_layer(act),
         drop_path_rate=drop_path_rate,
         **timm_kwargs,
     )
