@@ -133,11 +133,7 @@ def literal_pairs(layer, bundle: Tensor, training: bool, records: list) -> Tenso
 def literal_forward(layer, x: Tensor, training: bool, records: list | None = None) -> Tensor:
     """The layer's output computed literally (canonical partition, no neural drop)."""
     records = [] if records is None else records
-    if isinstance(layer, RepLinear):
-        is_bundle = layer.connectivity != "block" and x.dim() >= 3
-    else:
-        is_bundle = x.dim() == 5
-    pairs = literal_pairs(layer, x if is_bundle else x[None], training, records)  # (N, S, B, ...)
+    pairs = literal_pairs(layer, x[None] if layer.is_plain(x) else x, training, records)  # (N, S, B, ...)
     if layer.connectivity == "block":
         out = pairs.sum((0, 1))[None]
     elif layer.connectivity == "ns":
@@ -479,7 +475,7 @@ def test_block_groups_equal_one_stacked_conv(recipe, stride):
     grouped = RepConv2d(4, 4, 3, stride, recipe=recipe, connectivity="block").double()
     randomize_bn(grouped)
     stacked = copy.deepcopy(grouped)
-    stacked.group_block_branches = False
+    stacked.block_path = "stacked"
     groups = grouped.block_groups()
     assert groups is not None and (groups["pointwise"] or groups["pool"])
     if recipe == "dbb":

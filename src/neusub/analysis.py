@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bundle import Bundle
-from .layers import RepConv2d, _RepLayer
+from .layers import RepConv2d, _RepLayer, stacked_block_path
 
 
 def rep_layers(model: nn.Module, min_branches: int = 2) -> list[tuple[str, _RepLayer]]:
@@ -79,7 +79,6 @@ def branch_similarity(model: nn.Module, x: Tensor) -> list[dict]:
 
         results[name] = {"layer": name, "branches": layer.num_branches, "streams": layer.out_streams}
         results[name]["branch"] = None  # branches without BN (qarepvgg) never pass the stacked BN
-        layer.group_block_branches = False  # every pair through the stacked BN, where the hook sees it
         if layer.normed_channels is None:
             handles.append(layer.bn.register_forward_hook(on_pairs))
         handles.append(layer.register_forward_hook(on_output))
@@ -91,12 +90,11 @@ def branch_similarity(model: nn.Module, x: Tensor) -> list[dict]:
     was_training = model.training
     model.eval()
     try:
-        model(x)
+        with stacked_block_path(model):  # every pair through the stacked BN, where the hook sees it
+            model(x)
     finally:
         for handle in handles:
             handle.remove()
-        for _, layer in rep_layers(model):
-            layer.__dict__.pop("group_block_branches", None)
         model.train(was_training)
     return list(results.values())
 
@@ -269,7 +267,6 @@ def branch_statistics(model: nn.Module, x: Tensor, partitions: int = 8, seed: in
         raise ValueError("branch_statistics: the model has no re-parameterized layer")
 
     def watch(name: str, layer: _RepLayer):
-        layer.group_block_branches = False  # every branch through the stacked BN, where the hook sees it
         layer.recompute = False
         n, per_group = layer.num_branches, layer.geom.out_channels // layer.geom.groups
         channels = layer.normed_channels
@@ -293,7 +290,7 @@ def branch_statistics(model: nn.Module, x: Tensor, partitions: int = 8, seed: in
 
     handles = [watch(name, layer) for name, layer in layers]
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), stacked_block_path(work):  # all through the stacked BN
             for draw in range(partitions):
                 torch.manual_seed(seed + draw)
                 work(x)

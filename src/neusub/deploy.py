@@ -45,14 +45,14 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
 def _input_is_bundle(model: nn.Module, x: Tensor) -> bool:
     """Whether the training structure's input ``x`` is a bundle ``(S, B, ...)``.
 
-    Always with ``in_streams > 1``; with one stream, the first layer tells (a 1-stream
-    bundle ``(1, B, ...)`` and a plain ``(B, ...)`` are both accepted there).
+    Always with ``in_streams > 1``; with one stream, the first layer tells by its
+    ``is_plain`` where it declares a plain shape (a 1-stream bundle ``(1, B, ...)`` and a plain
+    ``(B, ...)`` are both accepted there); else the input is taken as plain.
     """
     if getattr(model, "in_streams", 1) > 1:
         return True
     first = next(iter(model), None) if isinstance(model, nn.Sequential) else model
-    test = getattr(first, "is_bundle", None)
-    return bool(test is not None and test(x))
+    return getattr(first, "plain_dim", None) is not None and not first.is_plain(x)
 
 
 def _sum_streams(x: Tensor, like: Tensor) -> Tensor:
@@ -66,7 +66,7 @@ def check_equivalence(model: nn.Module, example_input: Tensor, deployed: nn.Modu
 
     ``example_input`` is what the training structure takes; the deployed network
     gets its stream sum when it is a bundle (always with ``in_streams > 1``; a
-    1-stream bundle ``(1, B, ...)`` is recognised by the first layer's ``is_bundle``).
+    1-stream bundle ``(1, B, ...)`` is recognised by the first layer's ``is_plain``).
     A ``ValueError`` when the input or either output is not finite (the error would be NaN).
     """
     if not bool(torch.isfinite(example_input).all()):

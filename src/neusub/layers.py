@@ -39,6 +39,7 @@ from .streams import (
 )
 
 CONNECTIVITIES = ("block", "ns", "naive")
+BLOCK_PATHS = ("grouped", "stacked")
 
 
 def _pair(value: int | tuple[int, int], what: str) -> tuple[int, int]:
@@ -307,6 +308,11 @@ class RepConv2d(_RepLayer):
     forward; ``neural_drop=p`` drops pairs per sample. Both are no-ops in eval.
     ``recompute=True`` runs the stacked conv again in backward instead of keeping its
     ``N·S``-stream output (less memory, one more conv; see :mod:`neusub.recompute`).
+
+    Two execution paths, same values: ``"stacked"`` runs every branch in one stacked k×k conv
+    and BatchNorm (always so under ``ns``/``naive``); ``block_path="grouped"`` (the default)
+    runs block connectivity by cost instead, 1×1 branches as 1×1 convs (see
+    :meth:`block_groups`); ``"stacked"`` there sends every branch through the stacked BN.
     """
 
     def __init__(
@@ -325,8 +331,12 @@ class RepConv2d(_RepLayer):
         neural_drop: float = 0.0,
         generator: torch.Generator | None = None,
         recompute: bool = False,
+        block_path: str = "grouped",
     ):
         super().__init__()
+        if block_path not in BLOCK_PATHS:
+            raise ValueError(f"block_path={block_path!r}; choose one of {', '.join(BLOCK_PATHS)}")
+        self.block_path = block_path
         kernel, dil = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
         same = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dil))
         geom = Geometry(
@@ -350,12 +360,7 @@ class RepConv2d(_RepLayer):
             nn.BatchNorm2d,
         )
 
-    def is_bundle(self, x: Tensor) -> bool:
-        """Whether ``x`` is a stream bundle ``(S, B, C, H, W)`` rather than a plain tensor."""
-        return x.dim() == 5
-
-    # False: block connectivity uses the one stacked k×k conv too (analysis hooks its BN).
-    group_block_branches: bool = True
+    plain_dim = 4  # (B, C, H, W); a bundle is (S, B, C, H, W)
 
     def block_groups(self) -> dict[str, list[int]] | None:
         """Block connectivity runs branches by their own cost: ``{"kxk": [...], "pointwise": [...],
@@ -363,7 +368,7 @@ class RepConv2d(_RepLayer):
         a 1×1 conv then avg-pool), or ``None`` where everything goes in one stacked k×k conv."""
         g = self.geom
         if (
-            not self.group_block_branches
+            self.block_path != "grouped"
             or self.connectivity != "block"
             or self.recompute
             or self.normed_channels is not None
@@ -416,7 +421,7 @@ class RepConv2d(_RepLayer):
         return out
 
     def forward_streams(self, x: Tensor) -> Tensor:
-        bundle = self._bundle(x, plain_dim=4)
+        bundle = self._bundle(x)
         self._check_features(bundle, 2, self.geom.in_channels, "input channels")
         s, b = bundle.shape[:2]
         g = self.geom
@@ -428,10 +433,6 @@ class RepConv2d(_RepLayer):
                 f"RepConv2d: input {tuple(bundle.shape[-2:])} is smaller than the (dilated) kernel "
                 f"{g.kernel} with padding {g.padding}"
             )
-
-        def conv(flat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-            return F.conv2d(flat, weight, bias, g.stride, g.padding, g.dilation, g.groups)
-
         # channels_last: the wide stacked conv runs ~25% faster in it on CPU (oneDNN), and the
         # pairs then sit as (S, B, H', W', groups, N, C'/g) in memory, so positions join the
         # group axis of _connect as a free view. Outputs keep that layout (a permuted view).
@@ -439,6 +440,17 @@ class RepConv2d(_RepLayer):
         groups = self.block_groups()
         if groups is not None:
             return self._forward_block_groups(flat, groups).permute(0, 3, 1, 2)
+        return self._forward_stacked(flat, s)
+
+    def _forward_stacked(self, flat: Tensor, s: int) -> Tensor:
+        """``(S·B, C_in, H, W)`` → ``(out_streams, B, C_out, H', W')`` (block: ``(B, ...)``):
+        one stacked conv and BN for every branch, then the partition into output streams."""
+        g = self.geom
+
+        def conv(flat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            return F.conv2d(flat, weight, bias, g.stride, g.padding, g.dilation, g.groups)
+
+        b = flat.shape[0] // s
         z = self._run_branches(flat, conv)
         h, w = z.shape[2:]
         pairs = z.permute(0, 2, 3, 1).reshape(s, b, h * w * g.groups, self.num_branches, -1, 1)
@@ -490,14 +502,14 @@ class RepLinear(_RepLayer):
             nn.BatchNorm1d,
         )
 
-    def is_bundle(self, x: Tensor) -> bool:
-        """Whether ``x`` is a stream bundle ``(S, B, [T,] D)`` rather than a plain tensor."""
-        return self.connectivity != "block" and x.dim() >= 3
+    plain_dim = 2  # (B, D) with one stream; a bundle is (S, B, [T,] D)
+
+    def is_plain(self, x: Tensor) -> bool:
+        """Block connectivity maps any ``(..., D)``; else see :meth:`StreamModule.is_plain`."""
+        return self.connectivity == "block" or super().is_plain(x)
 
     def forward_streams(self, x: Tensor) -> Tensor:
-        if self.connectivity == "block" or (x.dim() == 2 and self.in_streams == 1):
-            x = x.unsqueeze(0)
-        bundle = self._bundle(x)
+        bundle = self._check_stream_count(x.unsqueeze(0) if self.is_plain(x) else x)
         self._check_features(bundle, -1, self.geom.in_channels, "features")
         if bundle.dim() < 3:
             raise ValueError(f"RepLinear expects a bundle (S, B, [T,] D), got shape {tuple(x.shape)}")
@@ -521,6 +533,21 @@ class RepLinear(_RepLayer):
             linear.weight.copy_(kernel[:, :, 0, 0])
             linear.bias.copy_(bias)
         return linear
+
+
+@contextlib.contextmanager
+def stacked_block_path(model: nn.Module):
+    """Within the block, every RepConv2d of ``model`` runs ``block_path="stacked"``: each branch
+    through the stacked BatchNorm, where a hook on ``layer.bn`` sees them all (analysis)."""
+    layers = [m for m in model.modules() if isinstance(m, RepConv2d)]
+    before = [layer.block_path for layer in layers]
+    for layer in layers:
+        layer.block_path = "stacked"
+    try:
+        yield
+    finally:
+        for layer, path in zip(layers, before):
+            layer.block_path = path
 
 
 def set_recompute(model: nn.Module, enabled: bool = True) -> int:

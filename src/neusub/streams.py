@@ -47,6 +47,15 @@ class StreamModule(nn.Module):
     """
 
     in_streams: int = 1
+    # "Plain tensor or bundle?", decided by is_plain alone: with one input stream, a tensor of
+    # ``plain_dim`` dims (4 for ``(B, C, H, W)``) is a plain tensor, taken as one stream, and
+    # the output is plain too. None: inputs are bundles ``(S, B, ...)`` (elementwise modules
+    # with one stream take either).
+    plain_dim: int | None = None
+
+    def is_plain(self, x: Tensor) -> bool:
+        """Whether ``x`` is a plain tensor rather than a stream bundle ``(S, B, ...)``."""
+        return self.in_streams == 1 and self.plain_dim is not None and x.dim() == self.plain_dim
 
     @property
     def out_streams(self) -> int:
@@ -85,16 +94,18 @@ class StreamModule(nn.Module):
         self._modules.clear()
         self.plain = plain
 
-    def _bundle(self, x: Tensor, plain_dim: int | None = None) -> Tensor:
-        """Check ``x`` is a bundle of ``in_streams`` streams; a tensor of ``plain_dim``
-        dims is accepted as a 1-stream bundle when ``in_streams == 1``."""
-        if plain_dim is not None and x.dim() == plain_dim and self.in_streams == 1:
+    def _bundle(self, x: Tensor) -> Tensor:
+        """``x`` as a bundle of ``in_streams`` streams (a plain tensor as one), checked."""
+        if self.is_plain(x):
             return x.unsqueeze(0)
-        if plain_dim is not None and x.dim() != plain_dim + 1:
+        if self.plain_dim is not None and x.dim() != self.plain_dim + 1:
             raise ValueError(
                 f"{type(self).__name__} expects a bundle (S={self.in_streams}, ...) of "
-                f"{plain_dim + 1} dims, got shape {tuple(x.shape)}"
+                f"{self.plain_dim + 1} dims, got shape {tuple(x.shape)}"
             )
+        return self._check_stream_count(x)
+
+    def _check_stream_count(self, x: Tensor) -> Tensor:
         if x.shape[0] != self.in_streams:
             raise ValueError(
                 f"{type(self).__name__} was built for in_streams={self.in_streams} but got "
@@ -156,10 +167,12 @@ class GuidedMaxPool2d(StreamModule):
         self.kernel_size, self.stride, self.padding = kernel_size, stride or kernel_size, padding
         self.in_streams = check_streams(in_streams)
 
+    plain_dim = 4
+
     def forward_streams(self, x: Tensor) -> Tensor:
-        if self.in_streams == 1 and x.dim() == 4:  # a plain tensor stays plain
+        if self.is_plain(x):  # a plain tensor stays plain
             return self.forward_streams(x[None])[0]
-        x = self._bundle(x, plain_dim=4)
+        x = self._bundle(x)
         _, index = F.max_pool2d(x.sum(0), self.kernel_size, self.stride, self.padding, return_indices=True)
         s, b, c = x.shape[:3]
         flat_index = index.flatten(2).unsqueeze(0).expand(s, -1, -1, -1)
@@ -203,10 +216,12 @@ class StreamGate(StreamModule):
         self.gate = gate
         self.in_streams = check_streams(in_streams)
 
+    plain_dim = 4
+
     def forward_streams(self, x: Tensor) -> Tensor:
-        if self.in_streams == 1 and x.dim() == 4:  # a plain tensor stays plain
+        if self.is_plain(x):  # a plain tensor stays plain
             return x * self.gate(x)
-        x = self._bundle(x, plain_dim=4)
+        x = self._bundle(x)
         return x * self.gate(x.sum(0))
 
     def fuse(self) -> nn.Module:
@@ -247,7 +262,7 @@ class StreamDropPath(StreamModule):
     def forward_streams(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        bundle = self._bundle(x, self.plain_dim)
+        bundle = self._bundle(x)
         keep = bundle.new_empty((1, bundle.shape[1]) + (1,) * (bundle.dim() - 2)).bernoulli_(1.0 - self.p)
         out = bundle * (keep / (1.0 - self.p) if self.p < 1.0 else keep)
         return out.view_as(x)
@@ -284,10 +299,12 @@ class StreamBatchNorm2d(StreamModule):
         self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
         self.in_streams = check_streams(in_streams)
 
+    plain_dim = 4
+
     def forward_streams(self, x: Tensor) -> Tensor:
-        if self.in_streams == 1 and x.dim() == 4:  # a plain tensor stays plain
+        if self.is_plain(x):  # a plain tensor stays plain
             return self.forward_streams(x[None])[0]
-        return sum_batch_norm(self._bundle(x, plain_dim=4), self.bn)
+        return sum_batch_norm(self._bundle(x), self.bn)
 
     def fuse(self) -> nn.Module:
         bn = self.bn
@@ -386,7 +403,7 @@ class StreamMerge(StreamModule):
         return 1
 
     def forward_streams(self, x: Tensor) -> Tensor:
-        if self.plain_dim is not None and x.dim() == self.plain_dim and self.in_streams == 1:
+        if self.is_plain(x):
             return x
         return self._bundle(x).sum(0)
 
