@@ -115,10 +115,10 @@ def test_timm_sees_neusub_models_whichever_is_imported_first():
 def test_models_registered_later_reach_timm():
     import timm
 
-    from neusub.models import register
+    from neusub.models import register_model
     from neusub.models.mlp_adapter import build_mlp_adapter
 
-    register("late_adapter", build_mlp_adapter)
+    register_model("late_adapter", build_mlp_adapter)
     assert "neusub_late_adapter" in timm.list_models("neusub_*")
 
 

@@ -10,6 +10,7 @@ models use it through :class:`~neusub.streams.GuidedActivation`. Adding one is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,9 +82,14 @@ def deployed_module(name: str, negative_slope: float = 0.01) -> nn.Module:
 
 
 def timm_act_layer(name: str) -> str | Callable[..., nn.Module]:
-    """What timm's ``act_layer=`` takes for activation ``name``."""
+    """What timm's ``act_layer=`` takes for activation ``name`` (timm's blocks call it with
+    ``inplace=``, which a registered module need not accept)."""
     entry = activation(name)
-    return entry.timm if entry.timm is not None else entry.deployed
+    return entry.timm if entry.timm is not None else functools.partial(_ignoring_inplace, entry.deployed)
+
+
+def _ignoring_inplace(deployed: Callable[[], nn.Module], inplace: bool = False) -> nn.Module:
+    return deployed()
 
 
 def register_activation(

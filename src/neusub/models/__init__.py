@@ -2,7 +2,7 @@
 
 Each entry is ``name -> (builder, default recipe)``; a builder takes a
 :class:`LayerFactory` and the remaining keyword arguments. Every model, including one a user
-adds with :func:`register`, is registered with timm as ``neusub_<name>``.
+adds with :func:`register_model`, is registered with timm as ``neusub_<name>``.
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ Builder = Callable[..., nn.Module]
 _MODELS: dict[str, tuple[Builder, str]] = {}
 
 
-def register(name: str, builder: Builder, default_recipe: str = "nsnet") -> None:
+def register_model(name: str, builder: Builder, default_recipe: str = "nsnet") -> None:
     """Add a model: ``builder(factory, **kwargs) -> nn.Module``; timm builds it as ``neusub_<name>``."""
     _MODELS[name] = (builder, default_recipe)
     register_with_timm(name)
 
 
 for _name in RESNETS:
-    register(_name, lambda f, _name=_name, **kw: build_resnet(_name, f, **kw), "nsnet")
+    register_model(_name, lambda f, _name=_name, **kw: build_resnet(_name, f, **kw), "nsnet")
 
-register("mobilenet_v1", build_mobilenet_v1, "nsnet")
+register_model("mobilenet_v1", build_mobilenet_v1, "nsnet")
 for _name in MOBILEONES:
-    register(_name, lambda f, _name=_name, **kw: build_mobileone(_name, f, **kw), "mobileone")
-register("mlp_adapter", build_mlp_adapter, "nsnet")
-register("linear_adapter", build_linear_adapter, "plain")
+    register_model(_name, lambda f, _name=_name, **kw: build_mobileone(_name, f, **kw), "mobileone")
+register_model("mlp_adapter", build_mlp_adapter, "nsnet")
+register_model("linear_adapter", build_linear_adapter, "plain")
 
 
 def default_stochastic(connectivity: str) -> float:
@@ -98,4 +98,4 @@ def create_model(
     return model
 
 
-__all__ = ["LayerFactory", "create_model", "list_models", "register"]
+__all__ = ["LayerFactory", "create_model", "list_models", "register_model"]
