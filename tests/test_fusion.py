@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neusub import fusion
+from neusub.reference import avg_pool, pad_with
 
 TOL = 1e-12  # fp64: max |error| / max |ground truth|
 TOL_FP32 = 1e-5
@@ -122,29 +123,6 @@ kernel_sizes = st.tuples(st.sampled_from(ODD), st.sampled_from(ODD))
 
 def smaller_odd(limit: int):
     return st.sampled_from([k for k in ODD if k <= limit])
-
-
-def dilated_avg_pool(x, size, stride, dilation, padding):
-    """Average of the ``size`` dilated taps over the zero-padded input (count_include_pad=True)."""
-    kh, kw = size
-    ph, pw = padding
-    xp = F.pad(x, (pw, pw, ph, ph))
-    ho = (xp.shape[-2] - dilation * (kh - 1) - 1) // stride + 1
-    wo = (xp.shape[-1] - dilation * (kw - 1) - 1) // stride + 1
-    acc = x.new_zeros(x.shape[0], x.shape[1], ho, wo)
-    for a in range(kh):
-        for b in range(kw):
-            rows = slice(a * dilation, a * dilation + stride * (ho - 1) + 1, stride)
-            cols = slice(b * dilation, b * dilation + stride * (wo - 1) + 1, stride)
-            acc = acc + xp[:, :, rows, cols]
-    return acc / (kh * kw)
-
-
-def bn_and_pad(y: torch.Tensor, value: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """Pad ``y`` by ``padding`` with the per-channel ``value`` in the border (DBB's BN-and-pad)."""
-    ph, pw = padding
-    border = F.pad(torch.zeros_like(y[:1, :1]), (pw, pw, ph, ph), value=1.0)
-    return F.pad(y, (pw, pw, ph, ph)) + border * value.reshape(1, -1, 1, 1)
 
 
 def assert_centred(padded: torch.Tensor, small: torch.Tensor) -> None:
@@ -384,7 +362,7 @@ def test_avg_pool_kernel(kind, stride, dilation, data):
     actual = conv(x, kernel, None, stride, dilation, geo.groups)
 
     padding = same(size, dilation)
-    assert_close(actual, dilated_avg_pool(x, size, stride, dilation, padding), "avg_pool_kernel")
+    assert_close(actual, avg_pool(x, size, stride, padding, dilation), "avg_pool_kernel")
     if dilation == 1:  # F.avg_pool2d has no dilation
         expected = F.avg_pool2d(x, size, stride, padding=padding, count_include_pad=True)
         assert_close(actual, expected, "avg_pool_kernel")
@@ -400,7 +378,7 @@ def literal_1x1_then(x, first, stride, dilation, groups, size, second_op):
     """conv1x1 + b1, BN-and-pad with b1 by the k×k's same padding, then ``second_op`` (padding 0)."""
     k1, b1 = first
     y = F.conv2d(x, k1, b1, groups=groups)
-    return second_op(bn_and_pad(y, b1, same(size, dilation)))
+    return second_op(pad_with(y, b1, same(size, dilation)))
 
 
 @conv_grid
@@ -441,7 +419,7 @@ def test_merge_1x1_avg_pool(kind, stride, dilation, data):
         if dilation == 1:
             pooled = F.avg_pool2d(y, size, stride, padding=0)
         else:
-            pooled = dilated_avg_pool(y, size, stride, dilation, (0, 0))
+            pooled = avg_pool(y, size, stride, (0, 0), dilation)
         return pooled + b2.reshape(1, -1, 1, 1)
 
     expected = literal_1x1_then(x, first, stride, dilation, geo.groups, size, avg)

@@ -1,12 +1,11 @@
 """RepConv2d / RepLinear: every recipe × connectivity × geometry is exact after deployment.
 
 Besides ``check_equivalence`` (training structure in eval mode vs. the deployed
-plain layer), each case is compared against a *literal* branch-by-branch
-evaluation written here from the recipe definitions (DBB-style BN-and-pad for
-sequential branches, one BatchNorm per branch with statistics over all input
-streams), in training mode (values, gradients, running statistics) and in eval
-mode. That guards against the stacked/composed fast path and the fused kernel
-agreeing with each other on a wrong function.
+plain layer), each case is compared against the *literal* branch-by-branch
+evaluation of :mod:`neusub.reference` (DBB-style BN-and-pad for sequential branches, one
+BatchNorm per branch with statistics over all input streams), in training mode (values,
+gradients, running statistics) and in eval mode. That guards against the stacked/composed
+fast path and the fused kernel agreeing with each other on a wrong function.
 """
 
 from __future__ import annotations
@@ -17,14 +16,13 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import randomize_bn, rel_err
 from torch import Tensor, nn
 
 import neusub
 from neusub import RepConv2d, RepLinear
 from neusub.recipes import RECIPES as RECIPE_ENTRIES
-from neusub.recipes import Geometry, build_branches
+from neusub.reference import literal_forward
 
 RECIPES = neusub.list_recipes()
 CENTRED = {name for name, entry in RECIPE_ENTRIES.items() if entry.centred}  # odd k, same padding
@@ -48,138 +46,26 @@ FP64_TOL, FP32_TOL = 1e-12, 1e-5
 # --------------------------------------------------------------------------- helpers
 
 
-def _literal_bn(z: Tensor, bn: nn.Module, idx: Tensor | None, training: bool, records: list):
-    """BatchNorm written out; returns ``(output, output for a zero input)`` per channel."""
-    weight, bias, mean, var = bn.weight, bn.bias, bn.running_mean, bn.running_var
-    if idx is not None:
-        weight, bias, mean, var = weight[idx], bias[idx], mean[idx], var[idx]
-    if training:
-        dims = [0, *range(2, z.dim())]
-        mean, var = z.mean(dims), z.var(dims, unbiased=False)
-        records.append((bn, idx, mean.detach(), var.detach(), z.numel() // z.shape[1]))
-    shape = (1, -1) + (1,) * (z.dim() - 2)
-    std = torch.sqrt(var + bn.eps)
-    out = (z - mean.view(shape)) / std.view(shape) * weight.view(shape) + bias.view(shape)
-    return out, bias - mean / std * weight
+def _batch_norms(layer) -> dict[str, nn.Module]:
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-def _pad_with(y: Tensor, padding: tuple[int, int], value: Tensor) -> Tensor:
-    """Pad with a per-channel constant (DBB's BN-and-pad)."""
-    v = value.view(1, -1, 1, 1)
-    return F.pad(y - v, (padding[1], padding[1], padding[0], padding[0])) + v
-
-
-def _avg(y: Tensor, size, stride, padding, dilation) -> Tensor:
-    """Per-channel average pooling (count_include_pad), dilated via a constant conv."""
-    if tuple(dilation) == (1, 1):
-        return F.avg_pool2d(y, size, stride, padding, count_include_pad=True)
-    c = y.shape[1]
-    weight = y.new_full((c, 1, *size), 1.0 / (size[0] * size[1]))
-    return F.conv2d(y, weight, None, stride, padding, dilation, groups=c)
-
-
-def _literal_branch(geom: Geometry, spec, module: nn.Module, x: Tensor, training: bool, records: list):
-    if spec.kind == "conv":
-        pad = tuple(
-            p - d * (k - kb) // 2
-            for p, d, k, kb in zip(geom.padding, geom.dilation, geom.kernel, spec.kernel)
-        )
-        return F.conv2d(x, module.weight, None, geom.stride, pad, geom.dilation, geom.groups)
-    if spec.kind == "identity":
-        return x
-    if spec.kind == "avg":
-        return _avg(x, geom.kernel, geom.stride, geom.padding, geom.dilation)
-    y = F.conv2d(x, module.conv1, None, 1, 0, 1, geom.groups)
-    y, zero_value = _literal_bn(y, module.bn1, None, training, records)
-    y = _pad_with(y, geom.padding, zero_value)
-    if spec.kind == "conv_avg":
-        return _avg(y, geom.kernel, geom.stride, (0, 0), geom.dilation)
-    assert spec.kind == "conv_kxk", spec
-    return F.conv2d(y, module.conv2, None, geom.stride, 0, geom.dilation, geom.groups)
-
-
-def literal_pairs(layer, bundle: Tensor, training: bool, records: list) -> Tensor:
-    """``(N, S, B, [T,] C_out, ...)``: every branch on every input stream, then its own BN.
-
-    A branch's BN (outer and inner) takes its statistics over all S streams together.
-    The outer BN is ``layer.bn``, channels ordered (groups, branch, C_out // groups).
-    A RepLinear is evaluated as the same branches on ``(rows, D, 1, 1)``.
-    """
-    geom = layer.geom
-    specs = build_branches(layer.recipe, geom)
-    assert [s.name for s in specs] == list(layer.branches)
-    linear = isinstance(layer, RepLinear)
-    if linear:
-        flat = bundle.reshape(-1, bundle.shape[-1], 1, 1)
-    else:
-        flat = bundle.reshape(-1, *bundle.shape[2:])
-    n, c_out = len(specs), geom.out_channels
-    cg = c_out // geom.groups
-    outs = []
-    for j, spec in enumerate(specs):
-        z = _literal_branch(geom, spec, layer.branches[spec.name], flat, training, records)
-        idx = torch.tensor([(c // cg) * n * cg + j * cg + c % cg for c in range(c_out)])
-        if layer.normed_channels is not None:  # the BN holds only the channels of branches with BN
-            idx = torch.searchsorted(layer.normed_channels, idx)
-        if spec.norm:
-            z, _ = _literal_bn(z, layer.bn, idx, training, records)
-        if linear:
-            outs.append(z.reshape(*bundle.shape[:-1], c_out))
-        else:
-            outs.append(z.reshape(*bundle.shape[:2], *z.shape[1:]))
-    return torch.stack(outs)
-
-
-def literal_forward(layer, x: Tensor, training: bool, records: list | None = None) -> Tensor:
-    """The layer's output computed literally (canonical partition, no neural drop)."""
-    records = [] if records is None else records
-    pairs = literal_pairs(layer, x[None] if layer.is_plain(x) else x, training, records)  # (N, S, B, ...)
-    if layer.connectivity == "block":
-        out = pairs.sum((0, 1))[None]
-    elif layer.connectivity == "ns":
-        out = pairs.sum(1)
-    else:
-        out = pairs.transpose(0, 1).reshape(-1, *pairs.shape[2:])  # stream l * N + j
-    if layer.post_bn is not None:  # one BN over the branch sum: statistics of the stream sum
-        bn, total = layer.post_bn, out.sum(0)
-        rows = total.reshape(-1, total.shape[-1]) if isinstance(layer, RepLinear) else total  # (B, C, ...)
-        mean, var = bn.running_mean, bn.running_var
-        if training:
-            dims = [0, *range(2, rows.dim())]
-            mean, var = rows.mean(dims), rows.var(dims, unbiased=False)
-            if layer.neural_drop == 0:  # dropped pairs change the sum this BN normalises
-                records.append((bn, None, mean.detach(), var.detach(), rows.numel() // rows.shape[1]))
-        shape = (-1,) if isinstance(layer, RepLinear) else (-1, 1, 1)
-        scale = (bn.weight / torch.sqrt(var + bn.eps)).view(shape)
-        s = out.shape[0]
-        out = (out - mean.view(shape) / s) * scale + bn.bias.view(shape) / s
-    return out[0] if layer.connectivity == "block" else out
-
-
-def snapshot_bn(layer) -> dict:
-    return {
-        id(m): (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
-        for m in layer.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    }
-
-
-def check_running_stats(layer, before: dict, records: list) -> None:
-    """Running statistics after one training forward: momentum update with the unbiased variance."""
-    assert records
-    for bn, idx, mean, var, count in records:
-        old_mean, old_var, tracked = before[id(bn)]
-        sel = slice(None) if idx is None else idx
-        m = bn.momentum
-        torch.testing.assert_close(bn.running_mean[sel], (1 - m) * old_mean[sel] + m * mean)
-        torch.testing.assert_close(
-            bn.running_var[sel], (1 - m) * old_var[sel] + m * var * count / (count - 1)
-        )
-        assert int(bn.num_batches_tracked) == tracked + 1
+def check_same_running_stats(layer, literal, skip: tuple[str, ...] = ()) -> None:
+    """Every BN's buffers after one training forward equal those the literal forward left
+    (which ran ``F.batch_norm`` on each branch: nn.BatchNorm's own update)."""
+    expected = _batch_norms(literal)
+    for name, bn in _batch_norms(layer).items():
+        if name in skip:
+            continue
+        want = expected[name]
+        torch.testing.assert_close(bn.running_mean, want.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bn.running_var, want.running_var, rtol=1e-12, atol=1e-12)
+        assert int(bn.num_batches_tracked) == int(want.num_batches_tracked), name
 
 
 def exercise_and_check(layer, x: Tensor, exact_training: bool) -> tuple[float, float]:
-    """Random BN, literal train-mode check, 3 train steps, literal eval check, deploy check.
+    """Random BN; one training forward and backward against the literal reference (values,
+    gradients, running statistics); 2 more train steps; literal eval check; deploy check.
 
     Returns the (fp64, fp32) relative errors of ``check_equivalence``.
     """
@@ -187,36 +73,37 @@ def exercise_and_check(layer, x: Tensor, exact_training: bool) -> tuple[float, f
     x = x.double()
     randomize_bn(layer)
     layer.train()
-    params = [p for p in layer.parameters()]
-    x_req = x.clone().requires_grad_(True)
+    literal = copy.deepcopy(layer)
+    x_fast, x_literal = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
 
-    before, records = snapshot_bn(layer), []
-    expected = literal_forward(layer, x_req, training=True, records=records)
+    expected = literal_forward(literal, x_literal)  # canonical partition, no neural drop
     weights = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad((expected * weights).sum(), [x_req, *params], allow_unused=True)
-
-    out = layer(x_req)
+    (expected * weights).sum().backward()
+    out = layer(x_fast)
     assert out.shape == expected.shape
     if exact_training:  # else: random partition / dropped pairs, only BN statistics are fixed
         assert rel_err(out, expected) <= FP64_TOL
-    check_running_stats(layer, before, records)
-    grads = torch.autograd.grad((out * weights).sum(), [x_req, *params], allow_unused=True)
+    # dropped pairs change the sum that the BN after it (qarepvgg) normalises
+    check_same_running_stats(layer, literal, ("post_bn",) if layer.neural_drop > 0 else ())
+    (out * weights).sum().backward()
     if exact_training:
+        got = {"x": x_fast.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+        want = {"x": x_literal.grad, **{n: p.grad for n, p in literal.named_parameters()}}
         # relative to the largest gradient: some are ~0 by BN's scale invariance (cancellation)
-        scale = max(float(g.abs().max()) for g in expected_grads if g is not None)
-        for got, want in zip(grads, expected_grads):
-            if want is None:
-                assert got is None or not got.any()
-            elif got is None:  # left out of the graph by the fast path: exactly zero (inner BN shift)
-                assert float(want.abs().max()) <= 1e-11 * scale
+        scale = max(float(g.abs().max()) for g in want.values() if g is not None)
+        for name, g in got.items():
+            if want[name] is None:
+                assert g is None or not g.any(), name
+            elif g is None:  # left out of the graph by the fast path: exactly zero (inner BN shift)
+                assert float(want[name].abs().max()) <= 1e-11 * scale, name
             else:
-                assert float((got - want).abs().max()) <= 1e-11 * scale
+                assert float((g - want[name]).abs().max()) <= 1e-11 * scale, name
     for _ in range(2):
         layer(x).sum().backward()
 
     layer.eval()
     with torch.no_grad():
-        assert rel_err(layer(x), literal_forward(layer, x, training=False)) <= FP64_TOL
+        assert rel_err(layer(x), literal_forward(layer, x)) <= FP64_TOL
     err64 = neusub.check_equivalence(layer, x)
     err32 = neusub.check_equivalence(copy.deepcopy(layer).float(), x.float())
     assert err64 <= FP64_TOL, err64

@@ -1,4 +1,5 @@
-"""A literal, slow, obviously-correct forward of :class:`~neusub.layers.RepConv2d`.
+"""A literal, slow, obviously-correct forward of :class:`~neusub.layers.RepConv2d` and
+:class:`~neusub.layers.RepLinear` (the one reference implementation of the project).
 
 :func:`literal_forward` evaluates a layer the straightforward way, like the
 official code and the DBB/ACNet/RepVGG/MobileOne repositories do: every branch on
@@ -11,6 +12,7 @@ analytically, stacked into one conv or mixed by an einsum.
 It reads the *same* parameters and buffers as the layer it is given (no copies):
 gradients flow into the layer's parameters, and in training mode the layer's
 running statistics are updated exactly as ``nn.BatchNorm2d`` would update them.
+A RepLinear is evaluated as the same branches on ``(rows, D, 1, 1)`` (recipes at k = 1).
 It is the ground truth for the tests of the fast path and the baseline of
 ``benchmarks/layer.py``.
 """
@@ -21,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import RepConv2d
+from .layers import RepConv2d, RepLinear, _RepLayer
 from .partition import canonical_partition, mixing_matrix
 from .recipes import Branch, build_branches
 
-__all__ = ["literal_forward", "branch_channels"]
+__all__ = ["literal_forward", "branch_channels", "avg_pool", "pad_with"]
 
 
 # --------------------------------------------------------------------------- BatchNorm
@@ -123,16 +125,16 @@ def _post_norm(layer: RepConv2d, out: Tensor, training: bool) -> Tensor:
 # --------------------------------------------------------------------------- branch pieces
 
 
-def _avg_pool(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
+def avg_pool(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
     """Average pooling with ``count_include_pad=True``; a fixed averaging conv when dilated."""
-    if tuple(dilation) == (1, 1):
+    if dilation in (1, (1, 1)):
         return F.avg_pool2d(x, kernel, stride, padding, count_include_pad=True)
     channels = x.shape[1]
     weight = x.new_full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
     return F.conv2d(x, weight, None, stride, padding, dilation, groups=channels)
 
 
-def _pad_with(x: Tensor, value: Tensor, padding) -> Tensor:
+def pad_with(x: Tensor, value: Tensor, padding) -> Tensor:
     """Pad ``x`` (B, C, H, W) by ``padding`` with the per-channel ``value`` (DBB's BN-and-pad)."""
     ph, pw = padding
     if ph == 0 and pw == 0:
@@ -155,7 +157,7 @@ def _branch_outputs(layer: RepConv2d, spec: Branch, module: nn.Module, streams: 
     if spec.kind == "identity":
         return list(streams)
     if spec.kind == "avg":
-        return [_avg_pool(x, g.kernel, g.stride, g.padding, g.dilation) for x in streams]
+        return [avg_pool(x, g.kernel, g.stride, g.padding, g.dilation) for x in streams]
     if spec.kind in ("conv_kxk", "conv_avg"):
         firsts = [F.conv2d(x, module.conv1, None, 1, 0, 1, g.groups) for x in streams]
         # inner BN: statistics over all S streams together (one batch), running stats updated
@@ -166,11 +168,11 @@ def _branch_outputs(layer: RepConv2d, spec: Branch, module: nn.Module, streams: 
         fill = _value_at_zero(module.bn1, together, training)
         outs = []
         for chunk in normed.split([t.shape[0] for t in firsts], 0):
-            padded = _pad_with(chunk, fill, g.padding)
+            padded = pad_with(chunk, fill, g.padding)
             if spec.kind == "conv_kxk":
                 outs.append(F.conv2d(padded, module.conv2, None, g.stride, 0, g.dilation, g.groups))
             else:
-                outs.append(_avg_pool(padded, g.kernel, g.stride, (0, 0), g.dilation))
+                outs.append(avg_pool(padded, g.kernel, g.stride, (0, 0), g.dilation))
         return outs
     raise ValueError(f"literal_forward: unknown branch kind {spec.kind!r}")
 
@@ -216,11 +218,11 @@ def _connect_ns(pairs: list[list[Tensor]], mixing: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- forward
 
 
-def literal_forward(layer: RepConv2d, x: Tensor, mixing: Tensor | None = None) -> Tensor:
+def literal_forward(layer: _RepLayer, x: Tensor, mixing: Tensor | None = None) -> Tensor:
     """The output of ``layer`` on ``x``, computed branch by branch and stream by stream.
 
     ``x``: a bundle ``(S, B, C, H, W)`` with ``S == layer.in_streams`` (a plain
-    ``(B, C, H, W)`` tensor is one stream). Every BatchNorm follows its own ``training``
+    ``(B, C, H, W)`` tensor is one stream); for a RepLinear ``(S, B, [T,] D)`` or plain. Every BatchNorm follows its own ``training``
     flag (a frozen BN uses its running statistics). Returns what ``layer(x)`` returns for
     its connectivity:
 
@@ -233,12 +235,20 @@ def literal_forward(layer: RepConv2d, x: Tensor, mixing: Tensor | None = None) -
     - ``"block"``: ``(B, C', H', W')``, the sum of every branch (S = 1).
     - ``"naive"``: ``(S·N, B, C', H', W')``, every pair, pair id ``l·N + j``.
     """
-    if not isinstance(layer, RepConv2d):
-        raise TypeError(f"literal_forward takes a RepConv2d, got {type(layer).__name__}")
+    if not isinstance(layer, _RepLayer):
+        raise TypeError(f"literal_forward takes a RepConv2d or RepLinear, got {type(layer).__name__}")
     if layer.deployed:
         raise ValueError("literal_forward needs the training structure; the layer is already deployed")
-    if x.dim() == 4:
+    if layer.is_plain(x):
         x = x.unsqueeze(0)
+    if isinstance(layer, RepLinear):  # (S, B, [T,] D) → (S, rows, D, 1, 1), and back
+        out = _literal_conv_forward(layer, x.reshape(x.shape[0], -1, x.shape[-1], 1, 1), mixing)
+        out = out.reshape(-1, *x.shape[1:-1], layer.geom.out_channels)
+        return out[0] if layer.connectivity == "block" else out
+    return _literal_conv_forward(layer, x, mixing)
+
+
+def _literal_conv_forward(layer: _RepLayer, x: Tensor, mixing: Tensor | None) -> Tensor:
     if x.dim() != 5 or x.shape[0] != layer.in_streams or x.shape[2] != layer.geom.in_channels:
         raise ValueError(
             f"literal_forward: expected a bundle (S={layer.in_streams}, B, {layer.geom.in_channels}, H, W), "
