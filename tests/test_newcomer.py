@@ -105,6 +105,36 @@ def test_the_command_line_starts_without_torch():
     assert time.perf_counter() - start < 2.0  # was ~11 s when timm and torchvision loaded first
 
 
+# Run with the command line's packages made unimportable (a library-only install; tqdm is
+# also a dependency of timm's huggingface_hub, so the library test leaves it importable).
+WITHOUT_CLI_PACKAGES = "import sys\nfor name in {names}:\n    sys.modules[name] = None\n"
+
+
+def test_the_library_needs_no_command_line_package():
+    code = WITHOUT_CLI_PACKAGES.format(names=("matplotlib", "sklearn")) + (
+        "import torch, torchvision, neusub\n"
+        "m = neusub.create_model('resnet18', width_mult=0.0625, num_classes=3, stem='cifar')\n"
+        "m(torch.randn(2, 3, 8, 8)).sum().backward()\n"
+        "c = neusub.convert(torchvision.models.mobilenet_v2(weights=None, num_classes=3), recipe='repvgg')\n"
+        "err = neusub.check_equivalence(m, torch.randn(2, 3, 8, 8))\n"
+        "import neusub.analysis, neusub.export\n"
+        "print(err < 1e-4, sorted(n for n in ('matplotlib', 'sklearn') if sys.modules.get(n)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True []"
+
+
+def test_the_command_line_names_the_missing_extra():
+    code = WITHOUT_CLI_PACKAGES.format(names=("matplotlib", "tqdm", "sklearn"))
+    code += "from neusub.cli import main\nsys.exit(main(['demo']))\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "neusub: error: the command line needs matplotlib, tqdm, scikit-learn (the 'cli' extra); "
+        "install it with: pip install 'neusub[cli]'"
+    )
+
+
 def test_timm_sees_neusub_models_whichever_is_imported_first():
     for code in ("import neusub, timm", "import timm, neusub"):
         check = f"{code}; print(timm.create_model('neusub_resnet18', width_mult=0.0625).__class__.__name__)"

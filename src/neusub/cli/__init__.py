@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import signal
 import sys
 import threading
@@ -136,6 +137,19 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+# What the command line needs beyond the library (the `cli` extra): import name → package
+CLI_PACKAGES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
+
+
+def _check_cli_packages() -> None:
+    missing = [package for name, package in CLI_PACKAGES.items() if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CLIError(
+            f"the command line needs {', '.join(missing)} (the 'cli' extra); "
+            "install it with: pip install 'neusub[cli]'"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
+        _check_cli_packages()
         result = _run(args)
     except CLIError as err:
         print(f"neusub: error: {err}", file=sys.stderr)
