@@ -368,7 +368,7 @@ def test_a_second_writer_is_refused(tmp_path: Path, capsys):
 def test_disk_full_keeps_the_last_checkpoint(tmp_path: Path, capsys, monkeypatch):
     import tempfile
 
-    import neusub.cli.checkpoint as checkpoint
+    import neusub.files
 
     real = tempfile.mkstemp
     saves = []
@@ -376,11 +376,13 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path: Path, capsys, monkeypatch
     def mkstemp(prefix="", suffix="", dir=None):
         if prefix.startswith(".last.pt."):
             saves.append(prefix)
-            if len(saves) > 1:  # the second checkpoint meets a full disk
-                return os.open("/dev/full", os.O_WRONLY), str(Path(dir) / f"{prefix}full{suffix}")
+            if len(saves) > 1:  # the second checkpoint meets a full disk: its temp file is /dev/full
+                name = Path(dir) / f"{prefix}full{suffix}"
+                name.symlink_to("/dev/full")
+                return os.open(name, os.O_WRONLY), str(name)
         return real(prefix=prefix, suffix=suffix, dir=dir)
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(neusub.files.tempfile, "mkstemp", mkstemp)
     out = tmp_path / "run"
     fails(
         capsys,

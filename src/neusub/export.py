@@ -17,7 +17,6 @@ ResNet: fine-tuning starts from the fused weights with fresh normalisation.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .deploy import deploy
+from .files import written_atomically
 from .models.resnet import RESNETS
 
 __all__ = ["SUPPORTED_TORCHVISION", "OnnxModel", "to_onnx", "to_onnx_int8", "to_torchvision"]
@@ -133,23 +133,6 @@ def _require_onnx(check: bool, what: str = "to_onnx") -> None:
         raise ImportError(f"{what} needs {' and '.join(missing)}: {_ONNX_HINT}")
 
 
-@contextlib.contextmanager
-def _written_atomically(path: Path):
-    """A temporary path beside ``path``, renamed to ``path`` only if the block succeeds."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # what open() gives: mkstemp makes the file private (0600)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def _max_relative_error(actual, expected) -> float:
     expected = torch.as_tensor(expected, dtype=torch.float64)
     actual = torch.as_tensor(actual, dtype=torch.float64)
@@ -191,7 +174,7 @@ def to_onnx(
     plain = deploy(model).to(device="cpu", dtype=dtype)
     example = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)).to(dtype)
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    with _written_atomically(path) as tmp:
+    with written_atomically(path) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             torch.onnx.export(
@@ -271,7 +254,7 @@ def to_onnx_int8(
     source, path = Path(float_onnx), Path(path)
     proto = OnnxModel(source).proto  # a clear error for a file that is not ONNX
     reader = _Batches(proto.graph.input[0].name, batches)
-    with _written_atomically(path) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with written_atomically(path) as tmp, tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"  # shapes inferred, graph optimised: as ORT advises
         quant_pre_process(str(source), str(prepared))
         quantize_static(

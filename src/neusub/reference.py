@@ -222,9 +222,9 @@ def literal_forward(layer: _RepLayer, x: Tensor, mixing: Tensor | None = None) -
     """The output of ``layer`` on ``x``, computed branch by branch and stream by stream.
 
     ``x``: a bundle ``(S, B, C, H, W)`` with ``S == layer.in_streams`` (a plain
-    ``(B, C, H, W)`` tensor is one stream); for a RepLinear ``(S, B, [T,] D)`` or plain. Every BatchNorm follows its own ``training``
-    flag (a frozen BN uses its running statistics). Returns what ``layer(x)`` returns for
-    its connectivity:
+    ``(B, C, H, W)`` tensor is one stream); for a RepLinear ``(S, B, [T,] D)`` or plain.
+    Every BatchNorm follows its own ``training`` flag (a frozen BN uses its running
+    statistics). Returns what ``layer(x)`` returns for its connectivity:
 
     - ``"ns"``: ``(N, B, C', H', W')``, output i = sum of the S pairs that ``mixing``
       sends to it. ``mixing`` is ``(N, S, N)`` with ``mixing[i, l, j] = 1`` iff pair

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from ..files import TEMP_SUFFIX, written_atomically
 from .errors import CLIError
 
 FORMAT = "neusub-checkpoint-v1"
-TEMP_SUFFIX = ".tmp"
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -43,29 +42,19 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     on any failure the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # what open() gives: mkstemp makes the file private (0600)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with written_atomically(path) as tmp, open(tmp, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, (OSError, RuntimeError)) and _is_disk_full(err):
+    except (OSError, RuntimeError) as err:
+        if _is_disk_full(err):
             kept = f"; {path.name} was left as it was" if path.exists() else ""
             raise CLIError(
                 f"the disk is full: {path} could not be written{kept}; free some space "
                 "(or choose another --out) and run the command again"
             ) from None
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
