@@ -17,11 +17,12 @@ and lists (JSON-ready).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -160,13 +161,32 @@ def residual_blocks(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict:
+    """Cross-entropy and top-1 accuracy of ``model`` in eval mode (its mode restored after) over
+    ``(x, y)`` batches (logits ``(B, classes)``, labels ``(B,)``): ``{"val_loss", "val_acc",
+    "samples"}``. ``autocast``: a context for each forward (e.g. AMP)."""
+    was_training = model.training
     model.eval()
-    correct = count = 0
-    for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
-        count += len(y)
-    return correct / max(count, 1)
+    loss, correct, count = 0.0, 0, 0
+    try:
+        for x, y in batches:
+            with autocast():
+                logits = model(x)
+            loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
+    finally:
+        model.train(was_training)
+    return {"val_loss": loss / max(count, 1), "val_acc": correct / max(count, 1), "samples": count}
+
+
+def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy of ``model`` over ``(x, y)`` batches (see :func:`evaluate`)."""
+    return evaluate(model, batches)["val_acc"]
 
 
 def block_drop(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import check_equivalence, deploy
+from ..analysis import accuracy, evaluate
 from .checkpoint import FORMAT, atomic_save, atomic_save_json, atomic_write, safe_load
 from .config import (
     RESUME_CHANGES,
@@ -245,15 +246,14 @@ def cmd_eval(
     from .data import take_subset
 
     loader = torch.utils.data.DataLoader(take_subset(val_set, samples), batch_size=256)
-    correct = count = 0
-    loss = 0.0
-    with torch.no_grad():
-        for x, y in tqdm(loader, desc=f"eval ({kind})", disable=not progress, leave=False):
-            logits = model(x)
-            loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
-    return {"val_acc": correct / count, "val_loss": loss / count, "samples": count, "model": kind}
+    batches = tqdm(loader, desc=f"eval ({kind})", disable=not progress, leave=False)
+    result = evaluate(model, batches)
+    return {
+        "val_acc": result["val_acc"],
+        "val_loss": result["val_loss"],
+        "samples": result["samples"],
+        "model": kind,
+    }
 
 
 def _example_input(info: DataInfo, batch: int = 4) -> torch.Tensor:
@@ -388,9 +388,7 @@ def cmd_demo(out: str | None, fast: bool, progress: bool = True) -> dict:
     plain, *_ = load_run_model(str(run_dir / "deployed.pt"))
     _, val_set, _ = load_dataset("digits", None, {}, False, cfg.seed)
     x, y = next(iter(torch.utils.data.DataLoader(val_set, batch_size=len(val_set))))
-    with torch.no_grad():
-        acc_train = float((model(x).argmax(1) == y).float().mean())
-        acc_plain = float((plain(x).argmax(1) == y).float().mean())
+    acc_train, acc_plain = accuracy(model, [(x, y)]), accuracy(plain, [(x, y)])
     summary = {
         "run_dir": str(run_dir),
         "seconds": round(time.perf_counter() - start, 1),

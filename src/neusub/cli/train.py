@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import create_model, deploy
+from ..analysis import evaluate
 from .checkpoint import FORMAT, atomic_save, atomic_write, finite_json, rng_state, safe_load, set_rng_state
 from .config import TrainConfig, config_dict
 from .data import DataInfo, SeededBatches, info_dict, load_dataset, take_subset
@@ -363,22 +363,11 @@ class Trainer:
         # RNG, which would shift every later draw of a resumed run by one.
         return DataLoader(dataset, num_workers=self.cfg.workers, generator=torch.Generator(), **kwargs)
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict:
-        model = model or self.net
-        was_training = model.training
-        model.eval()
         loader = self._loader(self.val_set, batch_size=max(self.cfg.batch_size, 256))
-        loss = correct = count = 0.0
-        for x, y in loader:
-            x, y = self._to_device(x), y.to(self.env.device)
-            with self._autocast():
-                logits = model(x)
-            loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
-        model.train(was_training)
-        return {"val_loss": loss / max(count, 1), "val_acc": correct / max(count, 1)}
+        batches = ((self._to_device(x), y.to(self.env.device)) for x, y in loader)
+        result = evaluate(model or self.net, batches, self._autocast)
+        return {"val_loss": result["val_loss"], "val_acc": result["val_acc"]}
 
     def ranks_identical(self) -> bool:
         """Whether every rank holds bit-identical parameters and buffers (True without DDP)."""

@@ -45,10 +45,6 @@ class LayerFactory:
         check_probability(self.stochastic, "stochastic")
         check_probability(self.neural_drop, "neural_drop")
 
-    @property
-    def branch_level(self) -> bool:
-        return self.connectivity != "block"
-
     def rep_conv(
         self,
         in_ch: int,

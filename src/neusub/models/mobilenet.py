@@ -95,7 +95,6 @@ class MobileNetV1(nn.Module):
     ):
         super().__init__()
         check_args(stem, width_mult)
-        self.stem_kind = stem
         cifar = stem == "cifar"
         stem_ch = scaled(32, width_mult)
         self.conv_stem = f.plain_conv(in_chans, stem_ch, 3, 1 if cifar else 2)

@@ -112,7 +112,6 @@ class MobileOne(nn.Module):
     ):
         super().__init__()
         check_args(stem, width_mult)
-        self.stem_kind = stem
         stem_recipe, recipe = _recipes(f, num_conv_branches)
         stem_ch = scaled(min(64.0, 64 * widths[0]), width_mult)
         with layer_context(name, f"stem (3×3, {in_chans} → {stem_ch} channels)"):
