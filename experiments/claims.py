@@ -1,19 +1,22 @@
-"""The paper's three claims, tested on an experiment's ``results.csv`` (paired by recipe and seed).
+"""The paper's claims, tested on an experiment's ``results.csv`` (paired by model, recipe and seed).
 
     python experiments/claims.py runs/fashion_mnist/results.csv
 
 For each comparison: the mean difference in deployed validation accuracy (points), its
 standard error over the (recipe, seed) pairs, how many pairs went each way, and a
-two-sided sign-test p-value. Prints markdown.
+two-sided sign-test p-value; then the guided-activation ablation, if the grid has it, and
+the final training loss per setting (from each run's metrics.jsonl). Prints markdown.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -26,45 +29,85 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def compare(runs: dict, better: str, worse: str, recipes: list[str], metric: str = "val_acc_deployed") -> str:
-    diffs = []
-    for (recipe, setting, seed), row in runs.items():
-        if setting == better and recipe in recipes and (recipe, worse, seed) in runs:
-            diffs.append(100 * (float(row[metric]) - float(runs[(recipe, worse, seed)][metric])))
+def setting(row: dict) -> str:
+    """``block`` / ``ns+stoch`` / ``ns+stoch unguided``: the label without the recipe."""
+    return row["label"].split(" ", 1)[1]
+
+
+def summary(label: str, diffs: list[float]) -> str:
     if not diffs:
-        return f"| {better} − {worse} | — | — | — | — |"
+        return f"| {label} | — | — | — | — |"
     mean = statistics.fmean(diffs)
     sem = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     return (
-        f"| {better} − {worse} | {mean:+.2f} ± {sem:.2f} | {len(diffs)} | {wins} / {losses} "
+        f"| {label} | {mean:+.2f} ± {sem:.2f} | {len(diffs)} | {wins} / {losses} "
         f"| {sign_test(wins, losses):.2f} |"
     )
 
 
+def paired(runs: dict, better: str, worse: str, baseline_recipe: str | None = None) -> list[float]:
+    """Deployed-accuracy differences (points) of ``better`` minus ``worse``, paired by model,
+    recipe and seed over the multi-branch recipes; with ``baseline_recipe`` the ``worse``
+    side is that recipe (e.g. ``plain``) of the same model and seed."""
+    diffs = []
+    for (model, recipe, chosen, seed), row in runs.items():
+        if chosen != better or recipe == "plain":
+            continue
+        other = runs.get((model, baseline_recipe or recipe, worse, seed))
+        if other is not None:
+            diffs.append(100 * (float(row["val_acc_deployed"]) - float(other["val_acc_deployed"])))
+    return diffs
+
+
+def final_losses(path: Path, rows: list[dict]) -> list[str]:
+    """Mean final training loss (last epoch) per model, recipe and setting, from metrics.jsonl."""
+    losses: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    epochs: set[int] = set()
+    for r in rows:
+        metrics = path.parent / "runs" / r["name"] / "metrics.jsonl"
+        if not metrics.exists():
+            continue
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        last = [rec for rec in records if "epoch" in rec][-1]
+        epochs.add(last["epoch"])
+        losses[(r["model"], r["recipe"], setting(r))].append(last["train_loss"])
+    if not losses:
+        return []
+    out = [
+        "",
+        f"Final training loss (mean over the last epoch's steps; epochs: {sorted(epochs)}):",
+        "",
+        "| model | recipe | setting | train loss | runs |",
+        "|---|---|---|--:|--:|",
+    ]
+    for (model, recipe, chosen), values in losses.items():
+        out.append(f"| {model} | {recipe} | {chosen} | {statistics.fmean(values):.4f} | {len(values)} |")
+    return out
+
+
 def main(path: str) -> None:
     rows = list(csv.DictReader(open(path)))
-    runs = {(r["recipe"], r["label"].split(" ", 1)[1], r["seed"]): r for r in rows}
-    multi = sorted({r["recipe"] for r in rows if r["recipe"] != "plain"})
+    runs = {(r["model"], r["recipe"], setting(r), r["seed"]): r for r in rows}
     print("| comparison (deployed accuracy) | mean ± s.e. (points) | pairs | higher / lower | sign test p |")
     print("|---|--:|--:|--:|--:|")
-    print(compare(runs, "ns", "block", multi))
-    print(compare(runs, "ns+stoch", "block", multi))
-    print(compare(runs, "ns+stoch", "ns", multi))
+    print(summary("ns − block", paired(runs, "ns", "block")))
+    print(summary("ns+stoch − block", paired(runs, "ns+stoch", "block")))
+    print(summary("ns+stoch − ns", paired(runs, "ns+stoch", "ns")))
+    print(summary("block − plain", paired(runs, "block", "block", "plain")))
+    print(summary("ns+stoch − plain", paired(runs, "ns+stoch", "block", "plain")))
     print()
     print("| recipe | seed | guided: deployed | unguided: training structure | unguided: deployed |")
     print("|---|--:|--:|--:|--:|")
-    by_seed = defaultdict(dict)
-    for r in rows:
-        by_seed[(r["recipe"], r["seed"])][r["label"].split(" ", 1)[1]] = r
-    for (recipe, seed), settings in sorted(by_seed.items()):
-        if "ns+stoch unguided" in settings:
-            guided, unguided = settings.get("ns+stoch"), settings["ns+stoch unguided"]
+    for (model, recipe, chosen, seed), unguided in sorted(runs.items()):
+        if chosen == "ns+stoch unguided":
+            guided = runs.get((model, recipe, "ns+stoch", seed))
             g = f"{100 * float(guided['val_acc_deployed']):.2f}" if guided else "—"
             print(
                 f"| {recipe} | {seed} | {g} | {100 * float(unguided['val_acc_training']):.2f} "
                 f"| {100 * float(unguided['val_acc_deployed']):.2f} |"
             )
+    print("\n".join(final_losses(Path(path), rows)))
 
 
 if __name__ == "__main__":
