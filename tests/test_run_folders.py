@@ -300,7 +300,7 @@ def test_download_without_network(tmp_path: Path, capsys, monkeypatch):
 
 
 def _interrupt_at(monkeypatch, step: int, error: type[BaseException] = KeyboardInterrupt) -> None:
-    from neusub.cli.train import Trainer
+    from neusub.cli.trainer import Trainer
 
     original = Trainer.train_step
 

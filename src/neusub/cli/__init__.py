@@ -137,6 +137,15 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def __getattr__(name: str):
+    """``neusub.cli.train``: loaded on first use (it imports torch; the parser does not)."""
+    if name == "train":
+        from .commands import train
+
+        return train
+    raise AttributeError(f"module 'neusub.cli' has no attribute {name!r}")
+
+
 # What the command line needs beyond the library (the `cli` extra): import name → package
 CLI_PACKAGES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
 

@@ -21,7 +21,7 @@ from .config import TrainConfig, config_dict
 from .data import load_dataset, take_subset
 from .errors import CLIError
 from .runfolder import describe_os_error
-from .train import build_model
+from .trainer import build_model
 
 ANALYSES = ("similarity", "kernels", "block-drop", "topology", "statistics")
 

@@ -8,7 +8,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +31,7 @@ from .config import (
 from .data import DataInfo, info_dict, info_from_dict, load_dataset
 from .errors import CLIError, Stopped, stop_code
 from .runfolder import ABSENT, CHECKPOINTED, EMPTY, STARTED, RunFolder
-from .train import (
+from .trainer import (
     DEPLOYED_FORMAT,
     Trainer,
     build_model,
@@ -78,13 +80,27 @@ def _claim_run_folder(folder: RunFolder, resume: bool) -> str:
 def cmd_train(
     flags: dict, config_file: str | None, progress: bool = True, stop_after: int | None = None
 ) -> dict:
+    """``neusub train``: the config file's values, then the flags given (``None``: not given)."""
     file_values = read_config_file(config_file) if config_file else {}
-    explicit = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
+    return train({**file_values, **{k: v for k, v in flags.items() if v is not None}}, progress, stop_after)
+
+
+def train(
+    options: Mapping[str, Any] | TrainConfig, progress: bool = False, stop_after: int | None = None
+) -> dict:
+    """Train one run into the folder ``options["out"]`` (with ``resume``: continue it) and
+    deploy it; what ``neusub train`` and ``neusub experiment`` run, callable from a notebook.
+
+    ``options``: option values by name as the command line takes them (``{"dataset": "digits",
+    "epochs": 3, "out": "runs/x"}``; the rest from the dataset's preset, then the defaults),
+    or a built :class:`TrainConfig`. Returns the final record (metrics, equivalence error).
+    Refusals are :class:`CLIError` with a sentence; nothing already written is lost."""
+    explicit = config_dict(options) if isinstance(options, TrainConfig) else dict(options)
     out = check_value("out", explicit.get("out", TrainConfig.out))
     resume = bool(explicit.get("resume"))
     folder = RunFolder(out)
     main = int(os.environ.get("RANK", "0")) == 0  # DDP: rank 0 owns the folder, the others follow
-    cfg = None if resume else build_config(file_values, {**flags, "out": out})  # checked before any write
+    cfg = None if resume else build_config({}, {**explicit, "out": out})  # checked before any write
     if not main:
         status = folder.status()
         cfg, _ = _resume_config(folder, explicit) if resume else (cfg, {})
@@ -382,7 +398,7 @@ def cmd_demo(out: str | None, fast: bool, progress: bool = True) -> dict:
         out=out or f"runs/demo-{stamp}",
     )
     start = time.perf_counter()
-    record = cmd_train(flags, None, progress)
+    record = train(flags, progress)
     run_dir = Path(flags["out"])
     model, cfg, info, _ = load_run_model(str(run_dir))
     plain, *_ = load_run_model(str(run_dir / "deployed.pt"))

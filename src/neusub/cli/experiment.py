@@ -169,7 +169,7 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
     ``(result, "done" | "resume" | "new")`` (done: finished before, skipped)."""
     from ..analysis import accuracy
     from .analyze import val_batches
-    from .commands import cmd_train, load_run_model
+    from .commands import load_run_model, train
 
     torch.set_num_threads(threads)
     path = Path(run_dir)
@@ -178,7 +178,7 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
         return json.loads((path / "result.json").read_text()), state
     start = time.perf_counter()
     flags = {**settings, "out": str(path), "resume": state == "resume"}
-    record = cmd_train({k: v for k, v in flags.items() if k in FIELDS}, None, progress=False)
+    record = train({k: v for k, v in flags.items() if k in FIELDS})
     # The last epoch's record (a resumed run that had finished training returns none itself).
     lines = (path / "metrics.jsonl").read_text().splitlines()
     last = [r for r in map(json.loads, filter(None, lines)) if "epoch" in r][-1]
