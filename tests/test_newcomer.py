@@ -81,6 +81,20 @@ def test_train_is_a_function_for_notebooks(tmp_path: Path):
     assert neusub.load(tmp_path / "from_config" / "deployed.pt") is not None
 
 
+def test_every_create_model_option_is_a_train_option():
+    import inspect
+
+    from neusub.cli.config import TrainConfig
+    from neusub.cli.trainer import DATA_MODEL_OPTIONS, RENAMED_MODEL_OPTIONS, model_options
+
+    names = set(inspect.signature(neusub.create_model).parameters) - set(DATA_MODEL_OPTIONS)
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert {RENAMED_MODEL_OPTIONS.get(n, n) for n in names} <= fields
+    cfg = TrainConfig(recompute=True, width_mult=0.5, drop_path=0.1)
+    options = model_options(cfg)
+    assert options["recompute"] is True and options["width_mult"] == 0.5 and options["drop_path_rate"] == 0.1
+
+
 def test_short_runs_warn(tmp_path: Path, capsys):
     args = ["train", *TINY, "--warmup-epochs", "1", "--out", str(tmp_path / "short")]
     assert main(args) == 0

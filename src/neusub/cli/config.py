@@ -228,6 +228,7 @@ class TrainConfig:
     bce: float | None = option(None, "binary cross-entropy target threshold", between(0, 1))
     color_jitter: float = option(0.0, "colour jitter (imagefolder)", at_least(0))
     drop_path: float = option(0.0, "stochastic depth rate", between(0, 1, open_high=True))
+    recompute: bool = option(False, "recompute each stacked conv in backward (less memory, ~1 more conv)")
     interpolation: str = option(
         "bicubic", "train resize interpolation (imagefolder)", one_of(("bilinear", "bicubic", "random"))
     )

@@ -9,6 +9,7 @@ to an uninterrupted run (CPU, same thread count).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -77,19 +78,20 @@ def setup_distributed() -> Dist:
     return Dist(dist.get_rank(), world, device)
 
 
+# create_model's options are TrainConfig fields of the same name, except these (keyword → field)
+RENAMED_MODEL_OPTIONS = {"drop_path_rate": "drop_path"}
+DATA_MODEL_OPTIONS = ("name", "num_classes", "kwargs")  # given by the run's data, not by an option
+
+
+def model_options(cfg: TrainConfig) -> dict:
+    """``create_model``'s keyword options, read from ``cfg`` by their names (one declaration:
+    create_model's signature; tests check that every option has its field)."""
+    names = [n for n in inspect.signature(create_model).parameters if n not in DATA_MODEL_OPTIONS]
+    return {name: getattr(cfg, RENAMED_MODEL_OPTIONS.get(name, name)) for name in names}
+
+
 def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
-    kwargs = dict(
-        recipe=cfg.recipe,
-        connectivity=cfg.connectivity,
-        stochastic=cfg.stochastic,
-        neural_drop=cfg.neural_drop,
-        num_classes=info.num_classes,
-        act=cfg.act,
-        guided=cfg.guided,
-        drop_path_rate=cfg.drop_path,
-        width_mult=cfg.width_mult,
-        stem=cfg.stem,
-    )
+    kwargs = {**model_options(cfg), "num_classes": info.num_classes}
     if info.kind == "features":
         kwargs["in_features"] = info.in_chans
     else:
