@@ -1,6 +1,7 @@
 """The paper's claims, tested on an experiment's ``results.csv`` (paired by model, recipe and seed).
 
     python experiments/claims.py runs/fashion_mnist/results.csv
+    python experiments/claims.py A.csv B.csv ...   # one row per experiment and comparison, pooled
 
 For each comparison: the mean difference in deployed validation accuracy (points), its
 standard error over the (recipe, seed) pairs, how many pairs went each way, and a
@@ -86,16 +87,50 @@ def final_losses(path: Path, rows: list[dict]) -> list[str]:
     return out
 
 
+COMPARISONS = {  # label: (better, worse, baseline recipe)
+    "ns − block": ("ns", "block", None),
+    "ns+stoch − block": ("ns+stoch", "block", None),
+    "ns+stoch − ns": ("ns+stoch", "ns", None),
+    "block − plain": ("block", "block", "plain"),
+    "ns+stoch − plain": ("ns+stoch", "block", "plain"),
+}
+
+
+def load(path: str) -> dict:
+    return {(r["model"], r["recipe"], setting(r), r["seed"]): r for r in csv.DictReader(open(path))}
+
+
+def experiment_name(path: str) -> str:
+    """``runs/mlp/results.csv`` → ``mlp``; ``docs/mlp_results.csv`` → ``mlp_results``."""
+    p = Path(path)
+    return p.parent.name if p.stem == "results" else p.stem
+
+
+def verdicts(paths: list[str]) -> None:
+    """Each comparison on each experiment, then pooled over all of them (pairs stay within an
+    experiment; give only independent experiments for the pooled row to mean anything)."""
+    experiments = {path: load(path) for path in paths}
+    print("| comparison (deployed accuracy) | experiment | mean ± s.e. (points) | pairs | higher / lower ", end="")
+    print("| sign test p |")
+    print("|---|---|--:|--:|--:|--:|")
+    for label, (better, worse, base) in COMPARISONS.items():
+        pooled = []
+        for path, runs in experiments.items():
+            diffs = paired(runs, better, worse, base)
+            pooled += diffs
+            if diffs:
+                print(summary(f"{label} | {experiment_name(path)}", diffs))
+        if pooled and len(experiments) > 1:
+            print(summary(f"{label} | **pooled**", pooled))
+
+
 def main(path: str) -> None:
     rows = list(csv.DictReader(open(path)))
-    runs = {(r["model"], r["recipe"], setting(r), r["seed"]): r for r in rows}
+    runs = load(path)
     print("| comparison (deployed accuracy) | mean ± s.e. (points) | pairs | higher / lower | sign test p |")
     print("|---|--:|--:|--:|--:|")
-    print(summary("ns − block", paired(runs, "ns", "block")))
-    print(summary("ns+stoch − block", paired(runs, "ns+stoch", "block")))
-    print(summary("ns+stoch − ns", paired(runs, "ns+stoch", "ns")))
-    print(summary("block − plain", paired(runs, "block", "block", "plain")))
-    print(summary("ns+stoch − plain", paired(runs, "ns+stoch", "block", "plain")))
+    for label, (better, worse, base) in COMPARISONS.items():
+        print(summary(label, paired(runs, better, worse, base)))
     print()
     print("| recipe | seed | guided: deployed | unguided: training structure | unguided: deployed |")
     print("|---|--:|--:|--:|--:|")
@@ -111,4 +146,7 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/fashion_mnist/results.csv")
+    if len(sys.argv) > 2:
+        verdicts(sys.argv[1:])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "runs/fashion_mnist/results.csv")
