@@ -110,8 +110,8 @@ def verdicts(paths: list[str]) -> None:
     """Each comparison on each experiment, then pooled over all of them (pairs stay within an
     experiment; give only independent experiments for the pooled row to mean anything)."""
     experiments = {path: load(path) for path in paths}
-    print("| comparison (deployed accuracy) | experiment | mean ± s.e. (points) | pairs | higher / lower ", end="")
-    print("| sign test p |")
+    header = ["comparison (deployed accuracy)", "experiment", "mean ± s.e. (points)", "pairs"]
+    print("| " + " | ".join([*header, "higher / lower", "sign test p"]) + " |")
     print("|---|---|--:|--:|--:|--:|")
     for label, (better, worse, base) in COMPARISONS.items():
         pooled = []
