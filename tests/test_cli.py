@@ -20,33 +20,11 @@ from helpers import tree_digest
 
 from neusub.cli import main
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--model",
-    "resnet18",
-    "--width-mult",
-    "0.125",
-    "--stem",
-    "cifar",
-    "--recipe",
-    "nsnet",
-    "--connectivity",
-    "ns",
-    "--stochastic",
-    "1.0",
-    "--neural-drop",
-    "0.1",
-    "--opt",
-    "adamw",
-    "--lr",
-    "3e-3",
-    "--warmup-epochs",
-    "1",
-    "--batch-size",
-    "128",
-    "--quiet",
-]
+TINY = (  # a tiny digits run: its flags
+    "--dataset digits --model resnet18 --width-mult 0.125 --stem cifar --recipe nsnet "
+    "--connectivity ns --stochastic 1.0 --neural-drop 0.1 --opt adamw --lr 3e-3 --warmup-epochs "
+    "1 --batch-size 128 --quiet"
+).split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

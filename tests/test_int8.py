@@ -21,35 +21,11 @@ from neusub.layers import RepConv2d
 
 pytest.importorskip("onnxruntime")
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--model",
-    "resnet18",
-    "--width-mult",
-    "0.125",
-    "--stem",
-    "cifar",
-    "--recipe",
-    "qarepvgg",
-    "--connectivity",
-    "ns",
-    "--stochastic",
-    "1.0",
-    "--train-samples",
-    "512",
-    "--batch-size",
-    "64",
-    "--opt",
-    "adamw",
-    "--lr",
-    "3e-3",
-    "--warmup-epochs",
-    "0",
-    "--epochs",
-    "3",
-    "--quiet",
-]
+TINY = (  # a tiny digits run: its flags
+    "--dataset digits --model resnet18 --width-mult 0.125 --stem cifar --recipe qarepvgg "
+    "--connectivity ns --stochastic 1.0 --train-samples 512 --batch-size 64 --opt adamw --lr "
+    "3e-3 --warmup-epochs 0 --epochs 3 --quiet"
+).split()
 
 
 def _json(capsys) -> dict:

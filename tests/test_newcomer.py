@@ -16,25 +16,10 @@ import neusub
 from neusub.cli import main
 from neusub.cli.config import PRESETS, build_config
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--model",
-    "resnet18",
-    "--width-mult",
-    "0.0625",
-    "--recipe",
-    "repvgg",
-    "--train-samples",
-    "256",
-    "--val-samples",
-    "64",
-    "--batch-size",
-    "64",
-    "--epochs",
-    "1",
-    "--quiet",
-]
+TINY = (  # a tiny digits run: its flags
+    "--dataset digits --model resnet18 --width-mult 0.0625 --recipe repvgg --train-samples 256 "
+    "--val-samples 64 --batch-size 64 --epochs 1 --quiet"
+).split()
 
 
 @pytest.fixture(scope="module")

@@ -26,35 +26,11 @@ from neusub.cli.checkpoint import finite_json
 from neusub.cli.config import load_toml
 from neusub.cli.runfolder import RunFolder
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--model",
-    "resnet18",
-    "--width-mult",
-    "0.0625",
-    "--stem",
-    "cifar",
-    "--recipe",
-    "repvgg",
-    "--connectivity",
-    "ns",
-    "--stochastic",
-    "1.0",
-    "--train-samples",
-    "256",
-    "--val-samples",
-    "64",
-    "--batch-size",
-    "64",
-    "--opt",
-    "adamw",
-    "--lr",
-    "3e-3",
-    "--warmup-epochs",
-    "0",
-    "--quiet",
-]
+TINY = (  # a tiny digits run: its flags
+    "--dataset digits --model resnet18 --width-mult 0.0625 --stem cifar --recipe repvgg "
+    "--connectivity ns --stochastic 1.0 --train-samples 256 --val-samples 64 --batch-size 64 "
+    "--opt adamw --lr 3e-3 --warmup-epochs 0 --quiet"
+).split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
