@@ -66,8 +66,6 @@ class Config:
     batch: int = 32
     baseline: str | None = None  # config whose time / RSS the ratios are taken over
     steps: int = 3  # default timed steps (after warm-up)
-    target_time: float | None = None  # max step-time ratio to baseline
-    target_rss_gb: float | None = None  # max peak RSS, GB (10⁹ bytes)
     source: str = "neusub"  # neusub | timm | convert | previous (see the module docstring)
     layers: str | None = None  # create_model's / convert's layers= policy
     twin: str | None = None  # the same configuration from the previous revision (time compared)
@@ -96,8 +94,6 @@ CONFIGS: dict[str, Config] = {
             1.0,
             baseline="r18_plain",
             steps=3,
-            target_time=20.0,
-            target_rss_gb=3.8,
         ),
         Config(
             "r18_nsnet_ns_recompute",
@@ -108,12 +104,10 @@ CONFIGS: dict[str, Config] = {
             recompute=True,
             baseline="r18_plain",
             steps=3,
-            target_time=20.0,
-            target_rss_gb=3.8,
         ),
-        Config("r18_conv2_ns", "resnet18", "conv2", "ns", baseline="r18_plain", steps=3, target_time=4.1),
-        Config("r18_conv3_ns", "resnet18", "conv3", "ns", baseline="r18_plain", steps=3, target_time=9.4),
-        Config("r18_dbb_block", "resnet18", "dbb", "block", baseline="r18_plain", steps=3, target_time=3.0),
+        Config("r18_conv2_ns", "resnet18", "conv2", "ns", baseline="r18_plain", steps=3),
+        Config("r18_conv3_ns", "resnet18", "conv3", "ns", baseline="r18_plain", steps=3),
+        Config("r18_dbb_block", "resnet18", "dbb", "block", baseline="r18_plain", steps=3),
         Config("r50_plain", "resnet50", "plain", "block", batch=16, steps=5),
         Config(
             "r50_nsnet_ns",
@@ -124,8 +118,6 @@ CONFIGS: dict[str, Config] = {
             batch=16,
             baseline="r50_plain",
             steps=3,
-            target_time=14.0,
-            target_rss_gb=5.0,
         ),
         Config(
             "r50_nsnet_ns_recompute",
@@ -137,8 +129,6 @@ CONFIGS: dict[str, Config] = {
             batch=16,
             baseline="r50_plain",
             steps=3,
-            target_time=14.0,
-            target_rss_gb=5.0,
         ),
         Config(
             "r50_paper_ns",
@@ -177,7 +167,6 @@ CONFIGS: dict[str, Config] = {
 }
 for _name, *_ in _PREVIOUS:  # each current configuration is compared with its previous twin
     CONFIGS[_name] = dataclasses.replace(CONFIGS[_name], twin=f"prev_{_name}")
-INFERENCE_TARGET, INFERENCE_TOL = 1.00, 0.03
 NUM_CLASSES, IMAGE = 100, 32
 ALL_NAMES = [*CONFIGS, INFERENCE]
 
@@ -499,10 +488,6 @@ def _gb(kib: int) -> float:
     return kib * 1024 / 1e9
 
 
-def _verdict(ok: bool | None) -> str:
-    return "" if ok is None else ("met" if ok else "**missed**")
-
-
 def _base_value(r: dict, key: str) -> float:
     """A baseline's median (time or CPU time): the mean over its run and its re-run, if any."""
     runs = [r] + ([r["rerun"]] if "rerun" in r else [])
@@ -538,10 +523,6 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             "train_conv_flops_ratio": None,
             "rss_ratio": None,
             "vs_previous": None,
-            "target_time": cfg.target_time,
-            "target_rss_gb": cfg.target_rss_gb,
-            "time_ok": None,
-            "rss_ok": None,
         }
         if base is not None:
             row["time_ratio"] = r["median_s"] / _base_value(base, "median_s")
@@ -549,10 +530,6 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             row["conv_flops_ratio"] = r["fwd_conv_flops"] / base["fwd_conv_flops"]
             row["train_conv_flops_ratio"] = r["train_conv_flops"] / base["train_conv_flops"]
             row["rss_ratio"] = r["peak_rss_kib"] / base["peak_rss_kib"]
-            if cfg.target_time is not None:
-                row["time_ok"] = row["time_ratio"] <= cfg.target_time
-        if cfg.target_rss_gb is not None:
-            row["rss_ok"] = row["peak_rss_gb"] <= cfg.target_rss_gb
         twin = results.get(cfg.twin) if cfg.twin else None
         twin_base = results.get(CONFIGS[cfg.twin].baseline) if twin is not None else None
         if twin is not None and base is not None:  # the time ratio over the previous path's ratio
@@ -575,9 +552,9 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         f"Load average (1/5/15 min) before {meta['loadavg_before']}, after {meta['loadavg_after']}.",
         "",
         "| config | model | recipe | connectivity | batch | steps | median step (s) | time × plain "
-        "| × previous path | CPU time × plain | conv FLOPs × plain (fwd; fwd+bwd) | target time "
-        "| peak RSS (GB) | RSS × plain | target RSS |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| × previous path | CPU time × plain | conv FLOPs × plain (fwd; fwd+bwd) "
+        "| peak RSS (GB) | RSS × plain |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         flops = (
@@ -588,21 +565,18 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         median = f"{r['median_s']:.2f}"
         if len(r["runs_median_s"]) > 1:
             median += " (mean of " + ", ".join(f"{t:.2f}" for t in r["runs_median_s"]) + ")"
-        target_t = "—" if r["target_time"] is None else f"≤ {r['target_time']:g}× {_verdict(r['time_ok'])}"
-        target_m = "—" if r["target_rss_gb"] is None else f"≤ {r['target_rss_gb']:g} {_verdict(r['rss_ok'])}"
         recipe = r["recipe"] + (f" ({r['layers']})" if r.get("layers") else "")
         out.append(
             f"| {r['name']} | {r['model']} | {recipe} "
             f"| {r['connectivity']} | {r['batch']} "
             f"| {r['steps']} | {median} | {_fmt(r['time_ratio'], '.2f', '×')} "
             f"| {_fmt(r['vs_previous'], '.3f')} | {_fmt(r['cpu_time_ratio'], '.2f', '×')} | {flops} "
-            f"| {target_t} | {r['peak_rss_gb']:.2f} | {_fmt(r['rss_ratio'], '.2f', '×')} | {target_m} |"
+            f"| {r['peak_rss_gb']:.2f} | {_fmt(r['rss_ratio'], '.2f', '×')} |"
         )
     if inference is not None:
         med = inference["median_s"]
         # The plain backbone a deployed network is compared with is torchvision's with its BN
         # folded into the convs (same layers and parameters); stock torchvision also runs 20 BNs.
-        ok = abs(inference["ratio_vs_bn_folded"] - INFERENCE_TARGET) <= INFERENCE_TOL
         out += [
             "",
             f"Deployed inference (eval, no grad, batch 32, {inference['iters']} alternating iterations, "
@@ -610,8 +584,8 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
             "(conv1 3×3/1, maxpool Identity).",
             "",
             "| model | median forward (ms) | conv layers | params | deployed × this (ratio of medians; "
-            "median of paired ratios) | target |",
-            "|---|--:|--:|--:|--:|--:|",
+            "median of paired ratios) |",
+            "|---|--:|--:|--:|--:|",
         ]
         for key, label in [
             ("deployed", "neusub deployed"),
@@ -619,19 +593,17 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
             ("torchvision_bn_folded", "torchvision, BN folded"),
         ]:
             if key == "deployed":
-                ratio, target = "—", "—"
+                ratio = "—"
             elif key == "torchvision":
-                ratio = f"{inference['ratio']:.3f}; {inference['paired_ratio_median']:.3f}"
-                target = "— (also runs its BNs)"
+                ratio = f"{inference['ratio']:.3f}; {inference['paired_ratio_median']:.3f} (runs its BNs)"
             else:
                 ratio = (
                     f"{inference['ratio_vs_bn_folded']:.3f}; "
                     f"{inference['paired_ratio_vs_bn_folded_median']:.3f}"
                 )
-                target = f"{INFERENCE_TARGET:.2f} ± {INFERENCE_TOL:.2f} {_verdict(ok)}"
             out.append(
                 f"| {label} | {med[key] * 1e3:.1f} | {inference['conv_layers'][key]} "
-                f"| {inference['params'][key]:,} | {ratio} | {target} |"
+                f"| {inference['params'][key]:,} | {ratio} |"
             )
     versions = meta.get("worker_src_sha1", {})
     if len(set(versions.values())) > 1:
@@ -645,9 +617,9 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         "Ratios are to the plain model of the same depth measured in the same run. Conv FLOPs count "
         "every convolution executed in a training step (FlopCounterMode): the forward ratio is the "
         "bound a time ratio is judged against. A baseline run again after its dependents "
-        "(--no-bracket to skip) enters the ratios as the mean of its runs. Targets apply to the "
-        "wall-time ratio; the CPU-time ratio (process CPU seconds per step) is less disturbed by "
-        "other load on the machine. "
+        "(--no-bracket to skip) enters the ratios as the mean of its runs. The CPU-time ratio "
+        "(process CPU seconds per step) is less disturbed by other load on the machine than the "
+        "wall-time ratio. "
         "Peak RSS is the worker's ru_maxrss; GB = 10⁹ bytes.",
     ]
     return "\n".join(out)
