@@ -162,15 +162,18 @@ def residual_blocks(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: Callable[[Tensor], Tensor],
     batches: Iterable[tuple[Tensor, Tensor]],
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict:
-    """Cross-entropy and top-1 accuracy of ``model`` in eval mode (its mode restored after) over
-    ``(x, y)`` batches (logits ``(B, classes)``, labels ``(B,)``): ``{"val_loss", "val_acc",
-    "samples"}``. ``autocast``: a context for each forward (e.g. AMP)."""
-    was_training = model.training
-    model.eval()
+    """Cross-entropy and top-1 accuracy of ``model`` (a module in eval mode, its mode restored
+    after; or any callable, e.g. an ONNX session) over ``(x, y)`` batches (logits ``(B,
+    classes)``, labels ``(B,)``): ``{"val_loss", "val_acc", "samples"}``. ``autocast``: a
+    context for each forward (e.g. AMP)."""
+    is_module = isinstance(model, nn.Module)
+    was_training = is_module and model.training
+    if is_module:
+        model.eval()
     loss, correct, count = 0.0, 0, 0
     try:
         for x, y in batches:
@@ -180,7 +183,8 @@ def evaluate(
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
     finally:
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
     return {"val_loss": loss / max(count, 1), "val_acc": correct / max(count, 1), "samples": count}
 
 
