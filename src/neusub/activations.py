@@ -76,9 +76,8 @@ def activation(name: str) -> Activation:
 
 def deployed_module(name: str, negative_slope: float = 0.01) -> nn.Module:
     """The plain module of activation ``name`` (the slope reaches only ``leaky_relu``)."""
-    return (
-        ACTIVATIONS[name].deployed(negative_slope) if name == "leaky_relu" else ACTIVATIONS[name].deployed()
-    )
+    deployed = ACTIVATIONS[name].deployed
+    return deployed(negative_slope) if name == "leaky_relu" else deployed()
 
 
 def timm_act_layer(name: str) -> str | Callable[..., nn.Module]:
