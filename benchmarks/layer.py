@@ -21,15 +21,10 @@ machine load during the run hits all of them alike and the ratios stay meaningfu
 
 Peak memory, two numbers per variant:
 
-- ``peak RSS growth``: each variant runs in a fresh subprocess (this script re-invoked
-  with the hidden ``--_memory VARIANT`` flag) that builds its module and inputs, reads its
-  resident set size (``VmRSS``), resets the kernel's high-water mark (writing ``5`` to
-  ``/proc/self/clear_refs``), runs two training steps and reads ``VmHWM``. The growth
-  ``VmHWM - VmRSS`` is what one step needs on top of parameters and inputs, as the OS
-  sees it (activations, gradients, oneDNN scratch pads, allocator slack), and is not
-  hidden by the import-time peak of torch, which ``ru_maxrss`` (the fallback where
-  ``clear_refs`` cannot be written) would include. Fresh processes matter: glibc keeps
-  freed heap pages, so a process that ran another variant first would under-report.
+- ``peak RSS growth``: each variant runs in a fresh worker process that builds its module
+  and inputs and runs two training steps inside :func:`harness.peak_memory`: the growth of
+  resident memory over what lived before the steps, as the OS sees it (activations,
+  gradients, oneDNN scratch pads, allocator slack).
 - ``saved for backward``: the bytes of distinct storages autograd keeps between forward
   and backward (``torch.autograd.graph.saved_tensors_hooks``), excluding parameters and
   the input, which live anyway. Deterministic and allocator-independent; it is the part
@@ -52,15 +47,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,8 +61,7 @@ from neusub.partition import mixing_matrix, random_partition
 from neusub.reference import literal_forward
 
 VARIANTS = ("fast", "literal", "plain")
-RESULTS = Path(__file__).resolve().parent / "results" / "layer.json"
-MARK = "@@LAYER_MEMORY@@ "
+RESULTS = harness.RESULTS_DIR / "layer.json"
 
 
 # --------------------------------------------------------------------------- setups
@@ -143,77 +132,21 @@ def saved_for_backward(setup: Setup) -> int:
     return sum(saved.values())
 
 
-# --------------------------------------------------------------------------- memory (subprocess)
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+# --------------------------------------------------------------------------- measuring
 
 
 def memory_worker(name: str, args: argparse.Namespace) -> dict:
     """Runs in a fresh process: peak RSS growth of two training steps of one variant."""
     setup = Setup(name, args)
-    baseline = _status_kib("VmRSS")
-    exact = _reset_peak() and baseline is not None
-    if not exact:  # fallback: lifetime peak (includes import), KiB on Linux
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(2):
-        setup.step()
-    peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "variant": name,
-        "method": "VmHWM after clear_refs" if exact else "ru_maxrss",
-        "baseline_mib": baseline / 1024,
-        "peak_mib": peak / 1024,
-        "peak_growth_mib": (peak - baseline) / 1024,
-        "saved_for_backward_mib": saved_for_backward(setup) / 2**20,
-    }
-
-
-def measure_memory(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, *_shape_flags(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
-    raise RuntimeError(f"memory worker for {name!r} failed:\n{proc.stdout}\n{proc.stderr}")
+    with harness.peak_memory() as memory:
+        for _ in range(2):
+            setup.step()
+    return {"variant": name, **memory, "saved_for_backward_mib": saved_for_backward(setup) / 2**20}
 
 
 def _shape_flags(args: argparse.Namespace) -> list[str]:
-    return [
-        f"--threads={args.threads}",
-        f"--batch={args.batch}",
-        f"--channels={args.channels}",
-        f"--size={args.size}",
-        f"--streams={args.streams}",
-        f"--recipe={args.recipe}",
-    ]
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def _timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    names = ("threads", "batch", "channels", "size", "streams", "recipe")
+    return [f"--{name}={getattr(args, name)}" for name in names]
 
 
 def time_variants(setups: list[Setup], warmup: int, iters: int) -> dict[str, list[tuple[float, float]]]:
@@ -223,17 +156,8 @@ def time_variants(setups: list[Setup], warmup: int, iters: int) -> dict[str, lis
     times: dict[str, list[tuple[float, float]]] = {s.name: [] for s in setups}
     for _ in range(iters):
         for setup in setups:  # interleaved: load changes hit every variant alike
-            times[setup.name].append(_timed(setup.step))
+            times[setup.name].append(harness.timed(setup.step))
     return times
-
-
-def _median_time(fn, warmup: int = 1, iters: int = 5) -> tuple[float, float, float]:
-    """(median wall, min wall, median CPU) seconds."""
-    for _ in range(warmup):
-        fn()
-    samples = [_timed(fn) for _ in range(iters)]
-    walls = [w for w, _ in samples]
-    return statistics.median(walls), min(walls), statistics.median(c for _, c in samples)
 
 
 # --------------------------------------------------------------------------- profiling
@@ -343,9 +267,9 @@ def profile_fast(args: argparse.Namespace, iters: int, iters_components: int = 5
         "kernel composition (+ running stats)": kernel_step,
     }
     parts["whole step"] = setup.step
-    measured = {
-        name: [round(1e3 * t, 2) for t in _median_time(fn, 1, iters_components)] for name, fn in parts.items()
-    }
+    measured = {}
+    for name, fn in parts.items():
+        measured[name] = [round(1e3 * t, 2) for t in harness.median_time(fn, 1, iters_components)]
     whole = measured.pop("whole step")
     return {
         "profiler_table": table,
@@ -380,101 +304,105 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="break the fast path's time down")
     p.add_argument("--profile-iters", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON output (benchmarks/results/layer.json)")
-    p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
+def measure(args: argparse.Namespace, variants: list[str]) -> dict:
+    """Memory (one worker per variant), then the interleaved timing, in this process."""
+    flags = _shape_flags(args)
+    memory = {} if args.no_memory else {v: harness.run_worker(__file__, v, flags) for v in variants}
+    load_before = harness.load_average()
+    times = time_variants([Setup(v, args) for v in variants], args.warmup, args.iters)
+    load_after = harness.load_average()
+    median = {v: statistics.median(w for w, _ in t) for v, t in times.items()}
+    cpu = {v: statistics.median(c for _, c in t) for v, t in times.items()}
+
+    def over_plain(values: dict, v: str) -> float | None:
+        return values[v] / values["plain"] if values.get("plain") else None
+
+    growth = {v: m["growth_mib"] for v, m in memory.items()}
+    rows = [
+        {
+            "variant": v,
+            "median_ms": 1e3 * median[v],
+            "min_ms": 1e3 * min(w for w, _ in times[v]),
+            "time_x_plain": over_plain(median, v),
+            "cpu_ms": 1e3 * cpu[v],
+            "cpu_x_plain": over_plain(cpu, v),
+            "peak_growth_mib": growth.get(v),
+            "memory_x_plain": over_plain(growth, v) if v in growth else None,
+            "saved_for_backward_mib": memory.get(v, {}).get("saved_for_backward_mib"),
+            "samples_wall_cpu_ms": [(round(1e3 * w, 1), round(1e3 * c, 1)) for w, c in times[v]],
+        }
+        for v in variants
+    ]
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "worker")}
+    load = {"before": load_before, "after": load_after}
+    return {"config": config, **harness.machine(), "load_average": load, "rows": rows, "memory": memory}
+
+
+def table(result: dict) -> str:
+    """The markdown table of :func:`measure`'s result, with its setup above and the load below."""
+    c = result["config"]
+    header = (
+        f"{c['recipe']} NS layer, S={c['streams']}, {c['channels']}→{c['channels']}, 3×3, {c['size']}², "
+        f"batch {c['batch']}, fp32, CPU, {c['threads']} threads; forward + backward per step, "
+        f"median of {c['iters']} interleaved steps (after {c['warmup']} warm-up)"
+    )
+    columns = ["variant", "wall ms (median)", "wall ms (min)", "× plain", "CPU ms (median)", "× plain"]
+    columns += ["peak RSS growth MiB", "× plain", "saved for backward MiB"]
+    cells = [
+        [
+            r["variant"],
+            f"{r['median_ms']:.1f}",
+            f"{r['min_ms']:.1f}",
+            harness.fmt(r["time_x_plain"], ".2f"),
+            f"{r['cpu_ms']:.1f}",
+            harness.fmt(r["cpu_x_plain"], ".2f"),
+            harness.fmt(r["peak_growth_mib"], ".0f"),
+            harness.fmt(r["memory_x_plain"], ".2f"),
+            harness.fmt(r["saved_for_backward_mib"], ".0f"),
+        ]
+        for r in result["rows"]
+    ]
+    load = result["load_average"]
+    footer = f"load average before/after: {load['before'][0]:.1f} / {load['after'][0]:.1f}"
+    return "\n".join([header, "", *harness.markdown_table(columns, "l" + "r" * 8, cells), "", footer])
+
+
+def print_profile(prof: dict, steps: int) -> None:
+    print(f"\nfast path, torch.profiler (self CPU, {steps} steps):\n")
+    print(prof["profiler_table"])
+    print("fast path, profiler self CPU time per step by category (ops attributed by tensor shape):")
+    total = sum(prof["profiler_categories_ms"].values())
+    for name, ms in prof["profiler_categories_ms"].items():
+        print(f"  {name:44s} {ms:9.1f} ms  {100 * ms / total:5.1f}%")
+    print(f"  {'total':44s} {total:9.1f} ms")
+    print("\nfast path components in isolation, forward + backward each (ms: median / min wall, CPU):")
+    whole = prof["whole_step_ms"]
+    for name, t in [*prof["components_ms"].items(), ("sum of components", prof["components_sum_ms"])]:
+        share = 100 * t["median"] / whole["median"]
+        print(f"  {name:44s} {t['median']:9.1f} {t['min']:9.1f} {t['cpu']:9.1f}  ({share:.0f}% of step)")
+    print(f"  {'whole step':44s} {whole['median']:9.1f} {whole['min']:9.1f} {whole['cpu']:9.1f}")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args._memory:
-        print(MARK + json.dumps(memory_worker(args._memory, args)), flush=True)
+    if args.worker:
+        harness.report(memory_worker(args.worker, args))
         return None
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-
-    memory = {} if args.no_memory else {v: measure_memory(v, args) for v in variants}
-    load_before = os.getloadavg()
-    setups = [Setup(v, args) for v in variants]
-    times = time_variants(setups, args.warmup, args.iters)
-    load_after = os.getloadavg()
-
-    median = {v: statistics.median(w for w, _ in t) for v, t in times.items()}
-    cpu = {v: statistics.median(c for _, c in t) for v, t in times.items()}
-    plain_t, plain_c = median.get("plain"), cpu.get("plain")
-    plain_m = memory.get("plain", {}).get("peak_growth_mib")
-    rows = []
-    for v in variants:
-        mem = memory.get(v, {})
-        rows.append(
-            {
-                "variant": v,
-                "median_ms": 1e3 * median[v],
-                "min_ms": 1e3 * min(w for w, _ in times[v]),
-                "time_x_plain": median[v] / plain_t if plain_t else None,
-                "cpu_ms": 1e3 * cpu[v],
-                "cpu_x_plain": cpu[v] / plain_c if plain_c else None,
-                "peak_growth_mib": mem.get("peak_growth_mib"),
-                "memory_x_plain": mem.get("peak_growth_mib") / plain_m if plain_m and mem else None,
-                "saved_for_backward_mib": mem.get("saved_for_backward_mib"),
-                "samples_wall_cpu_ms": [(round(1e3 * w, 1), round(1e3 * c, 1)) for w, c in times[v]],
-            }
-        )
-    header = (
-        f"{args.recipe} NS layer, S={args.streams}, {args.channels}→{args.channels}, 3×3, {args.size}², "
-        f"batch {args.batch}, fp32, CPU, {args.threads} threads; forward + backward per step, "
-        f"median of {args.iters} interleaved steps (after {args.warmup} warm-up)"
-    )
-    lines = [
-        header,
-        "",
-        "| variant | wall ms (median) | wall ms (min) | × plain | CPU ms (median) | × plain "
-        "| peak RSS growth MiB | × plain | saved for backward MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
-            f"{_fmt(r['time_x_plain'], '.2f')} | {r['cpu_ms']:.1f} | {_fmt(r['cpu_x_plain'], '.2f')} | "
-            f"{_fmt(r['peak_growth_mib'], '.0f')} | {_fmt(r['memory_x_plain'], '.2f')} | "
-            f"{_fmt(r['saved_for_backward_mib'], '.0f')} |"
-        )
-    load = f"load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f}"
-    lines += ["", load]
-    print("\n".join(lines), flush=True)
-
-    result = {
-        "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "out"},
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "load_average": {"before": load_before, "after": load_after},
-        "rows": rows,
-        "memory": memory,
-        "table": "\n".join(lines),
-    }
+    result = measure(args, variants)
+    result["table"] = table(result)
+    print(result["table"], flush=True)
     if args.profile:
-        prof = profile_fast(args, args.profile_iters)
-        print(f"\nfast path, torch.profiler (self CPU, {args.profile_iters} steps):\n")
-        print(prof["profiler_table"])
-        print("fast path, profiler self CPU time per step by category (ops attributed by tensor shape):")
-        total = sum(prof["profiler_categories_ms"].values())
-        for name, ms in prof["profiler_categories_ms"].items():
-            print(f"  {name:44s} {ms:9.1f} ms  {100 * ms / total:5.1f}%")
-        print(f"  {'total':44s} {total:9.1f} ms")
-        print("\nfast path components in isolation, forward + backward each (ms: median / min wall, CPU):")
-        whole = prof["whole_step_ms"]
-        for name, t in [*prof["components_ms"].items(), ("sum of components", prof["components_sum_ms"])]:
-            share = 100 * t["median"] / whole["median"]
-            print(f"  {name:44s} {t['median']:9.1f} {t['min']:9.1f} {t['cpu']:9.1f}  ({share:.0f}% of step)")
-        print(f"  {'whole step':44s} {whole['median']:9.1f} {whole['min']:9.1f} {whole['cpu']:9.1f}")
-        result["profile"] = prof
+        result["profile"] = profile_fast(args, args.profile_iters)
+        print_profile(result["profile"], args.profile_iters)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -1,12 +1,12 @@
 """Training-cost benchmark (docs/design.md §3): train-step time and peak memory of NS layers vs plain.
 
-Every configuration runs in a fresh worker process (this script re-invoked with the
-hidden ``--worker NAME`` flag), so peak RSS is that model's own, and the parent
-collects one JSON line from each worker's stdout. Reported per configuration:
+Every configuration runs in a fresh worker process (:func:`harness.run_worker`), so peak
+RSS is that model's own. Reported per configuration:
 
 - median train-step time (zero_grad + forward + cross-entropy + backward + SGD step,
   after warm-up steps) and its ratio to the plain model measured in the same run;
-- peak RSS of the worker (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, KiB on Linux);
+- peak RSS of the worker, and its growth over the built model during the steps
+  (:func:`harness.peak_memory`, as in ``layer.py``);
 - conv FLOPs of the training structure over plain (counted with
   ``torch.utils.flop_counter.FlopCounterMode`` on every convolution actually executed
   in the first warm-up step): the forward ratio is the bound a step-time ratio is
@@ -41,8 +41,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,8 +48,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RESULT_MARK = "@@TRAIN_STEP_RESULT@@ "
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+import harness
+
 INFERENCE = "r18_deploy_inference"
 
 
@@ -182,10 +180,6 @@ def _setup(threads: int, seed: int = 0):
     return torch
 
 
-def _peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
 def _build(cfg: Config):
     import neusub
 
@@ -225,59 +219,34 @@ def _conv_flops(counts: dict[str, int]) -> int:
     return sum(n for op, n in counts.items() if "convolution" in op)
 
 
-def _profile_labels(enabled: bool):
-    """Wrap neusub's training code paths in ``record_function`` labels (``--profile`` only)."""
-    if not enabled:
-        return contextlib.nullcontext()
+@contextlib.contextmanager
+def _module_labels(model):
+    """Label each neusub module's forward (and BatchNorm's) in the profile, with forward hooks.
+
+    Where the time goes *inside* one NS layer (moments, kernel composition, stacked conv,
+    partition einsum) is ``layer.py --profile``'s breakdown."""
     import torch
     from torch.profiler import record_function
 
-    import neusub.layers as layers
-    import neusub.streams as streams
+    open_ranges: list = []
 
-    patches = []
+    def enter(module, _inputs):
+        label = record_function(f"neusub::{type(module).__name__}")
+        label.__enter__()
+        open_ranges.append(label)
 
-    def wrap(owner, attr: str, label: str) -> None:
-        original = getattr(owner, attr)
+    def leave(_module, _inputs, _output):
+        open_ranges.pop().__exit__(None, None, None)
 
-        def wrapped(*args, **kwargs):
-            with record_function(label):
-                return original(*args, **kwargs)
-
-        patches.append((owner, attr, original))
-        setattr(owner, attr, wrapped)
-
-    wrap(layers, "input_moments", "neusub::input_moments")
-    wrap(
-        layers._RepLayer, "stacked_kernel_for_batch", "neusub::stacked_kernel_for_batch (kernel composition)"
-    )
-    wrap(layers._RepLayer, "_connect", "neusub::_connect (einsum mixing / sum)")
-    wrap(streams.GuidedActivation, "forward_streams", "neusub::guided_activation")
-    wrap(streams.StreamAdd, "forward_streams", "neusub::stream_add")
-    wrap(streams.StreamMerge, "forward_streams", "neusub::stream_merge")
-    wrap(torch.nn.BatchNorm2d, "forward", "neusub::batch_norm (stacked BN)")
-
-    original_run = layers._RepLayer._run_branches
-
-    def run_branches(self, flat, op):
-        def labelled(x, w, b):
-            with record_function("neusub::stacked_conv"):
-                return op(x, w, b)
-
-        return original_run(self, flat, labelled)
-
-    patches.append((layers._RepLayer, "_run_branches", original_run))
-    layers._RepLayer._run_branches = run_branches
-
-    @contextlib.contextmanager
-    def restore():
-        try:
-            yield
-        finally:
-            for owner, attr, original in reversed(patches):
-                setattr(owner, attr, original)
-
-    return restore()
+    hooks = []
+    for module in model.modules():
+        if type(module).__module__.startswith("neusub") or isinstance(module, torch.nn.BatchNorm2d):
+            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _print_profile(prof, steps: int) -> None:
@@ -301,58 +270,67 @@ def _print_profile(prof, steps: int) -> None:
         print(f"  {e.key:55s} {e.cpu_time_total / 1e6 / steps:8.3f} s/step  {share:5.1f}%", file=sys.stderr)
 
 
-def run_train_worker(cfg: Config, steps: int, warmup: int, threads: int, budget: float, profile: int) -> dict:
-    torch = _setup(threads)
+def _counted_step(model, opt, x, y) -> tuple[dict[str, int], dict[str, int]]:
+    """One train step with every operation's FLOPs counted: (forward, backward) by op."""
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    load_start = os.getloadavg()
-    model = _build(cfg).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(cfg.batch, 3, IMAGE, IMAGE)
-    y = torch.randint(0, NUM_CLASSES, (cfg.batch,))
-    params = sum(p.numel() for p in model.parameters())
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    # First warm-up step, with every convolution's FLOPs counted (forward and backward apart).
     opt.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as fwd_mode:
         loss = F.cross_entropy(model(x), y)
     with FlopCounterMode(display=False) as bwd_mode:
         loss.backward()
     opt.step()
-    fwd, bwd = _flops_by_op(fwd_mode), _flops_by_op(bwd_mode)
-    for _ in range(warmup - 1):
-        step()
+    return _flops_by_op(fwd_mode), _flops_by_op(bwd_mode)
 
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
 
-        with _profile_labels(True), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(profile):
-                step()
-        _print_profile(prof, profile)
-
-    times, cpu_times, losses = [], [], []
+def _timed_steps(step, steps: int, budget: float) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of up to ``steps`` calls; stops (keeping ≥ 2) once over ``budget``."""
+    samples: list[tuple[float, float]] = []
     start = time.perf_counter()
-    for i in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        losses.append(step())
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-        if i + 1 >= 2 and time.perf_counter() - start > budget:
-            break  # over the time budget: keep the (≥ 2) steps measured so far
+    while len(samples) < steps:
+        samples.append(harness.timed(step))
+        if len(samples) >= 2 and time.perf_counter() - start > budget:
+            break
+    return samples
+
+
+def run_train_worker(cfg: Config, steps: int, warmup: int, threads: int, budget: float, profile: int) -> dict:
+    torch = _setup(threads)
+    import torch.nn.functional as F
+
+    load_start = harness.load_average()
+    model = _build(cfg).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(cfg.batch, 3, IMAGE, IMAGE)
+    y = torch.randint(0, NUM_CLASSES, (cfg.batch,))
+    losses: list[float] = []
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+
+    with harness.peak_memory() as memory:
+        fwd, bwd = _counted_step(model, opt, x, y)  # the first warm-up step
+        for _ in range(warmup - 1):
+            step()
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with _module_labels(model), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(profile):
+                    step()
+            _print_profile(prof, profile)
+        samples = _timed_steps(step, steps, budget)
+    times, cpu_times = [wall for wall, _ in samples], [cpu for _, cpu in samples]
     return {
         "kind": "train",
         "config": asdict(cfg),
-        "params": params,
+        "params": sum(p.numel() for p in model.parameters()),
         "steps": len(times),
         "warmup": warmup,
         "step_times_s": times,
@@ -360,14 +338,14 @@ def run_train_worker(cfg: Config, steps: int, warmup: int, threads: int, budget:
         "min_s": min(times),
         "step_cpu_times_s": cpu_times,
         "median_cpu_s": statistics.median(cpu_times),
-        "peak_rss_kib": _peak_rss_kib(),
+        "memory": memory,
         "fwd_flops": fwd,
         "bwd_flops": bwd,
         "fwd_conv_flops": _conv_flops(fwd),
         "train_conv_flops": _conv_flops(fwd) + _conv_flops(bwd),
         "final_loss": losses[-1],
         "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
+        "loadavg_end": harness.load_average(),
     }
 
 
@@ -401,7 +379,7 @@ def run_inference_worker(iters: int, threads: int, warmup: int = 3) -> dict:
     torch = _setup(threads)
     import neusub
 
-    load_start = os.getloadavg()
+    load_start = harness.load_average()
     trained = _build(CONFIGS["r18_nsnet_ns"]).train()
     deployed = neusub.deploy(trained)
     del trained
@@ -415,7 +393,7 @@ def run_inference_worker(iters: int, threads: int, warmup: int = 3) -> dict:
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     names = list(models)
-    with torch.no_grad():
+    with torch.no_grad(), harness.peak_memory() as memory:
         for _ in range(warmup):
             for m in models.values():
                 m(x)
@@ -439,9 +417,9 @@ def run_inference_worker(iters: int, threads: int, warmup: int = 3) -> dict:
         "paired_ratio_vs_bn_folded_median": statistics.median(paired_folded),
         "conv_layers": convs,
         "params": params,
-        "peak_rss_kib": _peak_rss_kib(),
+        "memory": memory,
         "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
+        "loadavg_end": harness.load_average(),
     }
 
 
@@ -454,38 +432,29 @@ def worker_main(args: argparse.Namespace) -> None:
         steps = args.steps or cfg.steps
         result = run_train_worker(cfg, steps, args.warmup, args.threads, args.budget, args.profile)
     result["name"] = name
-    result["neusub_src_sha1"] = _code_version(git=False)["neusub_src_sha1"]
-    print(RESULT_MARK + json.dumps(result), flush=True)
+    result["neusub_src_sha1"] = harness.code_version(git=False)["neusub_src_sha1"]
+    harness.report(result)
 
 
 # =========================================================================== parent side
 
 
 def run_worker(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name]
-    cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
-    cmd += ["--budget", str(args.budget), "--iters", str(args.iters)]
+    flags = [f"--threads={args.threads}", f"--warmup={args.warmup}"]
+    flags += [f"--budget={args.budget}", f"--iters={args.iters}"]
     if args.steps:
-        cmd += ["--steps", str(args.steps)]
+        flags.append(f"--steps={args.steps}")
     if args.profile and name != INFERENCE and CONFIGS[name].baseline is not None:
-        cmd += ["--profile", str(args.profile)]
+        flags.append(f"--profile={args.profile}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if name in CONFIGS and CONFIGS[name].source == "previous":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.previous_src, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     print(f"[train_step] {name}: running (fresh process) ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {name!r} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
-    result = json.loads(lines[-1][len(RESULT_MARK) :])
+    result = harness.run_worker(__file__, name, flags, env)
     result["wall_s"] = time.perf_counter() - t0
     print(f"[train_step] {name}: done in {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
     return result
-
-
-def _gb(kib: int) -> float:
-    return kib * 1024 / 1e9
 
 
 def _base_value(r: dict, key: str) -> float:
@@ -514,7 +483,8 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             "steps": r["steps"],
             "median_s": _base_value(r, "median_s"),
             "runs_median_s": [r["median_s"]] + ([r["rerun"]["median_s"]] if "rerun" in r else []),
-            "peak_rss_gb": _gb(r["peak_rss_kib"]),
+            "peak_rss_gb": r["memory"]["peak_mib"] * 2**20 / 1e9,
+            "steps_rss_growth_gb": r["memory"]["growth_mib"] * 2**20 / 1e9,
             "median_cpu_s": _base_value(r, "median_cpu_s"),
             "fwd_conv_gflop": r["fwd_conv_flops"] / 1e9,
             "time_ratio": None,
@@ -529,7 +499,7 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             row["cpu_time_ratio"] = r["median_cpu_s"] / _base_value(base, "median_cpu_s")
             row["conv_flops_ratio"] = r["fwd_conv_flops"] / base["fwd_conv_flops"]
             row["train_conv_flops_ratio"] = r["train_conv_flops"] / base["train_conv_flops"]
-            row["rss_ratio"] = r["peak_rss_kib"] / base["peak_rss_kib"]
+            row["rss_ratio"] = r["memory"]["peak_mib"] / base["memory"]["peak_mib"]
         twin = results.get(cfg.twin) if cfg.twin else None
         twin_base = results.get(CONFIGS[cfg.twin].baseline) if twin is not None else None
         if twin is not None and base is not None:  # the time ratio over the previous path's ratio
@@ -538,11 +508,75 @@ def summarize(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "—" if value is None else f"{value:{spec}}{suffix}"
+def _train_cells(r: dict) -> list[str]:
+    flops = (
+        f"1 ({r['fwd_conv_gflop']:.1f} GFLOP fwd)"
+        if r["conv_flops_ratio"] is None
+        else f"{r['conv_flops_ratio']:.2f}; {r['train_conv_flops_ratio']:.2f}"
+    )
+    median = f"{r['median_s']:.2f}"
+    if len(r["runs_median_s"]) > 1:
+        median += " (mean of " + ", ".join(f"{t:.2f}" for t in r["runs_median_s"]) + ")"
+    recipe = r["recipe"] + (f" ({r['layers']})" if r.get("layers") else "")
+    return [
+        r["name"],
+        r["model"],
+        recipe,
+        r["connectivity"],
+        str(r["batch"]),
+        str(r["steps"]),
+        median,
+        harness.fmt(r["time_ratio"], ".2f", "×"),
+        harness.fmt(r["vs_previous"], ".3f"),
+        harness.fmt(r["cpu_time_ratio"], ".2f", "×"),
+        flops,
+        f"{r['peak_rss_gb']:.2f}",
+        harness.fmt(r["rss_ratio"], ".2f", "×"),
+    ]
+
+
+def _inference_lines(inference: dict) -> list[str]:
+    # The plain backbone a deployed network is compared with is torchvision's with its BN
+    # folded into the convs (same layers and parameters); stock torchvision also runs 20 BNs.
+    med = inference["median_s"]
+    ratios = {
+        "deployed": "—",
+        "torchvision": f"{inference['ratio']:.3f}; {inference['paired_ratio_median']:.3f} (runs its BNs)",
+        "torchvision_bn_folded": (
+            f"{inference['ratio_vs_bn_folded']:.3f}; {inference['paired_ratio_vs_bn_folded_median']:.3f}"
+        ),
+    }
+    labels = {
+        "deployed": "neusub deployed",
+        "torchvision": "torchvision",
+        "torchvision_bn_folded": "torchvision, BN folded",
+    }
+    cells = [
+        [
+            label,
+            f"{med[key] * 1e3:.1f}",
+            str(inference["conv_layers"][key]),
+            f"{inference['params'][key]:,}",
+            ratios[key],
+        ]
+        for key, label in labels.items()
+    ]
+    columns = ["model", "median forward (ms)", "conv layers", "params"]
+    columns.append("deployed × this (ratio of medians; median of paired ratios)")
+    return [
+        "",
+        f"Deployed inference (eval, no grad, batch 32, {inference['iters']} alternating iterations, "
+        "one process): `neusub.deploy(resnet18 nsnet ns)` vs torchvision ResNet-18 "
+        "(conv1 3×3/1, maxpool Identity).",
+        "",
+        *harness.markdown_table(columns, "lrrrr", cells),
+    ]
 
 
 def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
+    columns = ["config", "model", "recipe", "connectivity", "batch", "steps", "median step (s)"]
+    columns += ["time × plain", "× previous path", "CPU time × plain", "conv FLOPs × plain (fwd; fwd+bwd)"]
+    columns += ["peak RSS (GB)", "RSS × plain"]
     out = [
         f"Train step (zero_grad + forward + cross-entropy + backward + SGD), CPU, "
         f"{meta['threads']} threads, random 3×{IMAGE}×{IMAGE} data, {NUM_CLASSES} classes, "
@@ -551,60 +585,10 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         f"{', uncommitted changes' if meta.get('src_dirty') else ''}). "
         f"Load average (1/5/15 min) before {meta['loadavg_before']}, after {meta['loadavg_after']}.",
         "",
-        "| config | model | recipe | connectivity | batch | steps | median step (s) | time × plain "
-        "| × previous path | CPU time × plain | conv FLOPs × plain (fwd; fwd+bwd) "
-        "| peak RSS (GB) | RSS × plain |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        *harness.markdown_table(columns, "llll" + "r" * 9, [_train_cells(r) for r in rows]),
     ]
-    for r in rows:
-        flops = (
-            f"1 ({r['fwd_conv_gflop']:.1f} GFLOP fwd)"
-            if r["conv_flops_ratio"] is None
-            else f"{r['conv_flops_ratio']:.2f}; {r['train_conv_flops_ratio']:.2f}"
-        )
-        median = f"{r['median_s']:.2f}"
-        if len(r["runs_median_s"]) > 1:
-            median += " (mean of " + ", ".join(f"{t:.2f}" for t in r["runs_median_s"]) + ")"
-        recipe = r["recipe"] + (f" ({r['layers']})" if r.get("layers") else "")
-        out.append(
-            f"| {r['name']} | {r['model']} | {recipe} "
-            f"| {r['connectivity']} | {r['batch']} "
-            f"| {r['steps']} | {median} | {_fmt(r['time_ratio'], '.2f', '×')} "
-            f"| {_fmt(r['vs_previous'], '.3f')} | {_fmt(r['cpu_time_ratio'], '.2f', '×')} | {flops} "
-            f"| {r['peak_rss_gb']:.2f} | {_fmt(r['rss_ratio'], '.2f', '×')} |"
-        )
     if inference is not None:
-        med = inference["median_s"]
-        # The plain backbone a deployed network is compared with is torchvision's with its BN
-        # folded into the convs (same layers and parameters); stock torchvision also runs 20 BNs.
-        out += [
-            "",
-            f"Deployed inference (eval, no grad, batch 32, {inference['iters']} alternating iterations, "
-            "one process): `neusub.deploy(resnet18 nsnet ns)` vs torchvision ResNet-18 "
-            "(conv1 3×3/1, maxpool Identity).",
-            "",
-            "| model | median forward (ms) | conv layers | params | deployed × this (ratio of medians; "
-            "median of paired ratios) |",
-            "|---|--:|--:|--:|--:|",
-        ]
-        for key, label in [
-            ("deployed", "neusub deployed"),
-            ("torchvision", "torchvision"),
-            ("torchvision_bn_folded", "torchvision, BN folded"),
-        ]:
-            if key == "deployed":
-                ratio = "—"
-            elif key == "torchvision":
-                ratio = f"{inference['ratio']:.3f}; {inference['paired_ratio_median']:.3f} (runs its BNs)"
-            else:
-                ratio = (
-                    f"{inference['ratio_vs_bn_folded']:.3f}; "
-                    f"{inference['paired_ratio_vs_bn_folded_median']:.3f}"
-                )
-            out.append(
-                f"| {label} | {med[key] * 1e3:.1f} | {inference['conv_layers'][key]} "
-                f"| {inference['params'][key]:,} | {ratio} |"
-            )
+        out += _inference_lines(inference)
     versions = meta.get("worker_src_sha1", {})
     if len(set(versions.values())) > 1:
         out += [
@@ -620,32 +604,9 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         "(--no-bracket to skip) enters the ratios as the mean of its runs. The CPU-time ratio "
         "(process CPU seconds per step) is less disturbed by other load on the machine than the "
         "wall-time ratio. "
-        "Peak RSS is the worker's ru_maxrss; GB = 10⁹ bytes.",
+        "Peak RSS is the worker's lifetime peak (ru_maxrss); GB = 10⁹ bytes.",
     ]
     return "\n".join(out)
-
-
-def _code_version(git: bool = True) -> dict:
-    """Git commit, whether src/ has uncommitted changes, and a hash of the neusub sources."""
-    import hashlib
-
-    import neusub
-
-    root = Path(neusub.__file__).resolve().parent
-    digest = hashlib.sha1()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
-    info = {"neusub_src_sha1": digest.hexdigest()[:12]}
-    if not git:
-        return info
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(root)]
-        info["git_commit"] = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True)
-        info["src_dirty"] = bool(status.stdout.strip())
-    return info
 
 
 def _unpack_previous(rev: str) -> str:
@@ -659,22 +620,26 @@ def _unpack_previous(rev: str) -> str:
     return str(folder / "src")
 
 
-def parent_main(args: argparse.Namespace) -> None:
-    import torch
-
-    if args.only:
-        names: list[str] = []
-        for name in args.only:
-            base = CONFIGS[name].baseline if name in CONFIGS else None
-            for n in (base, name):
-                if n is not None and n not in names:
-                    names.append(n)
-        stem = "train_step_" + "_".join(args.only)
-    else:
-        names, stem = list(ALL_NAMES), "train_step"
-    args.previous_src = _unpack_previous(args.previous) if args.previous else None
+def schedule(args: argparse.Namespace) -> list[str]:
+    """The workers to run, in order: the chosen configurations with their baselines (and, with
+    ``bracket``, each baseline again after its last dependent: ratios use the mean of both)."""
+    names = list(ALL_NAMES) if not args.only else []
+    for name in args.only or []:
+        base = CONFIGS[name].baseline if name in CONFIGS else None
+        names += [n for n in (base, name) if n is not None and n not in names]
     if not args.previous:  # no earlier revision named: no twins
         names = [n for n in names if not (n in CONFIGS and CONFIGS[n].source == "previous")]
+    order = list(names)
+    if args.bracket:
+        for base in [n for n in names if n in CONFIGS and CONFIGS[n].baseline is None]:
+            deps = [i for i, n in enumerate(order) if n in CONFIGS and CONFIGS[n].baseline == base]
+            if deps:
+                order.insert(deps[-1] + 1, base)
+    return order
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    args.previous_src = _unpack_previous(args.previous) if args.previous else None
     if args.quick:
         args.steps, args.iters = args.steps or 2, min(args.iters, 6)
     meta = {
@@ -682,29 +647,20 @@ def parent_main(args: argparse.Namespace) -> None:
         "warmup": args.warmup,
         "steps_override": args.steps,
         "budget_s": args.budget,
-        "torch": torch.__version__,
         "previous": args.previous,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_before": [round(v, 2) for v in os.getloadavg()],
-        **_code_version(),
+        **harness.machine(),
+        "loadavg_before": harness.load_average(),
+        **harness.code_version(),
     }
-    schedule = list(names)
-    if args.bracket:  # re-run each baseline after its last dependent: ratios use the mean of both runs
-        for base in [n for n in names if n in CONFIGS and CONFIGS[n].baseline is None]:
-            deps = [i for i, n in enumerate(schedule) if n in CONFIGS and CONFIGS[n].baseline == base]
-            if deps:
-                schedule.insert(deps[-1] + 1, base)
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
-    for name in schedule:
+    for name in schedule(args):
         result = run_worker(name, args)
         if name in results:
             results[name]["rerun"] = result
         else:
             results[name] = result
-    meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    meta["loadavg_after"] = harness.load_average()
     meta["worker_src_sha1"] = {  # the previous revision's twins run other sources on purpose
         name + suffix: run.get("neusub_src_sha1")
         for name, r in results.items()
@@ -715,15 +671,14 @@ def parent_main(args: argparse.Namespace) -> None:
     rows = summarize(results)
     text = markdown(rows, results.get(INFERENCE), meta)
     print(text)
-    out = Path(args.out) if args.out else RESULTS_DIR / stem
+    stem = "train_step" + "".join(f"_{name}" for name in args.only or [])
+    out = Path(args.out) if args.out else harness.RESULTS_DIR / stem
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "rows": rows, "workers": results}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     out.with_suffix(".md").write_text(text + "\n")
-    print(
-        f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({meta['wall_s']:.0f} s)",
-        file=sys.stderr,
-    )
+    wrote = f"{out.with_suffix('.json')} and {out.with_suffix('.md')}"
+    print(f"\nwrote {wrote} ({meta['wall_s']:.0f} s)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
