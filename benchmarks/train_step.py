@@ -20,7 +20,7 @@ Usage::
     python benchmarks/train_step.py                 # everything (≈15 min on 2 idle cores)
     python benchmarks/train_step.py --quick         # smoke run
     python benchmarks/train_step.py --only r18_conv2_ns   # one config (+ its baseline)
-    python benchmarks/train_step.py --only r18_nsnet_ns --profile   # torch.profiler breakdown
+    python benchmarks/train_step.py --only r18_nsnet_ns --profile 2   # torch.profiler, 2 steps
     python benchmarks/train_step.py --previous REV  # also the twins ``prev_*`` from git revision REV
 
 Sources of a configuration: ``neusub`` (``neusub.create_model``; its ResNets are timm's,
