@@ -197,7 +197,7 @@ def test_fold_conv_bn(kind, stride, dilation, data):
     eps=st.sampled_from((1e-5, 1e-3, 0.1)),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_fold_linear_bn(batch, d_in, d_out, has_bias, has_weight, has_bn_bias, eps, seed):
+def test_fold_conv_bn_on_a_linear_weight(batch, d_in, d_out, has_bias, has_weight, has_bn_bias, eps, seed):
     r = Rand(seed)
     x = r.normal(batch, d_in)
     weight = r.normal(d_out, d_in)
@@ -210,9 +210,9 @@ def test_fold_linear_bn(batch, d_in, d_out, has_bias, has_weight, has_bn_bias, e
     expected = F.batch_norm(F.linear(x, weight, bias), mean, var, gamma, beta, training=False, eps=eps)
 
     scale, shift = fusion.bn_affine(mean, var, gamma, beta, eps)
-    fw, fb = fusion.fold_linear_bn(weight, bias, scale, shift)
+    fw, fb = fusion.fold_conv_bn(weight, bias, scale, shift)  # RepLinear's fold: a 2-D kernel
     assert fw.shape == weight.shape and fb.shape == (d_out,)
-    assert_close(F.linear(x, fw, fb), expected, "fold_linear_bn")
+    assert_close(F.linear(x, fw, fb), expected, "fold_conv_bn (linear)")
 
 
 # --------------------------------------------------------------------------- pad_kernel
@@ -338,21 +338,6 @@ def test_identity_kernel(kind, stride, dilation, data):
 @conv_grid
 @SETTINGS
 @given(data=st.data())
-def test_channel_scale_kernel(kind, stride, dilation, data):
-    geo = data.draw(geometries(kind, square=True))
-    size = data.draw(kernel_sizes)
-    r = Rand(geo.seed)
-    x = r.normal(geo.batch, geo.c_in, geo.height, geo.width)
-    scale = r.normal(geo.c_in)
-    kernel = fusion.channel_scale_kernel(scale, geo.groups, size)
-    assert kernel.shape == (geo.c_in, geo.c_in // geo.groups, *size)
-    expected = x[:, :, ::stride, ::stride] * scale.reshape(1, -1, 1, 1)
-    assert_close(conv(x, kernel, None, stride, dilation, geo.groups), expected, "channel_scale_kernel")
-
-
-@conv_grid
-@SETTINGS
-@given(data=st.data())
 def test_avg_pool_kernel(kind, stride, dilation, data):
     geo = data.draw(geometries(kind, square=True))
     size = data.draw(kernel_sizes)
@@ -451,7 +436,7 @@ def run_every_helper(geo: Geometry, size: tuple[int, int], mid: int, dtype, devi
     }
     out["fold_conv_bn.kernel"], out["fold_conv_bn.bias"] = fusion.fold_conv_bn(kernel, t(c_out), scale, shift)
     _, out["fold_conv_bn(None).bias"] = fusion.fold_conv_bn(kernel, None, scale, shift)
-    out["fold_linear_bn.weight"], out["fold_linear_bn.bias"] = fusion.fold_linear_bn(
+    out["fold_conv_bn(linear).weight"], out["fold_conv_bn(linear).bias"] = fusion.fold_conv_bn(
         t(c_out, c_in), t(c_out), scale, shift
     )
     out["pad_kernel"] = fusion.pad_kernel(t(c_out, c_in // g, 1, 1), size)
@@ -459,7 +444,6 @@ def run_every_helper(geo: Geometry, size: tuple[int, int], mid: int, dtype, devi
         [(kernel, t(c_out)), (out["pad_kernel"], t(c_out))]
     )
     out["identity_kernel"] = fusion.identity_kernel(c_in, g, size, like=x)
-    out["channel_scale_kernel"] = fusion.channel_scale_kernel(t(c_in), g, size)
     out["avg_pool_kernel"] = fusion.avg_pool_kernel(c_in, g, size, like=x)
     first = (t(mid, c_in // g, 1, 1), t(mid))
     out["merge_1x1_kxk.kernel"], out["merge_1x1_kxk.bias"] = fusion.merge_1x1_kxk(

@@ -70,7 +70,7 @@ def test_every_create_model_option_is_a_train_option():
     import inspect
 
     from neusub.cli.config import TrainConfig
-    from neusub.cli.trainer import DATA_MODEL_OPTIONS, RENAMED_MODEL_OPTIONS, model_options
+    from neusub.saved import DATA_MODEL_OPTIONS, RENAMED_MODEL_OPTIONS, model_options
 
     names = set(inspect.signature(neusub.create_model).parameters) - set(DATA_MODEL_OPTIONS)
     fields = set(TrainConfig.__dataclass_fields__)
@@ -105,6 +105,17 @@ def test_load_every_saved_file(run: Path, tmp_path: Path, capsys):
     capsys.readouterr()
     with pytest.raises(ValueError, match="does not exist"):
         neusub.load(tmp_path / "missing.pt")
+    saved = torch.load(run / "deployed.pt", weights_only=True)
+    crafted = {  # each a file neusub.load refuses with a sentence, not a traceback from deep inside
+        "no_info": ({k: v for k, v in saved.items() if k != "info"}, "lacks 'info'"),
+        "huge": ({**saved, "info": {**saved["info"], "num_classes": 10**9}}, "describes impossible data"),
+        "wider": ({**saved, "config": {**saved["config"], "width_mult": 2.0}}, "does not fit the model"),
+        "bad_model": ({**saved, "config": {**saved["config"], "model": "nope"}}, "unknown model 'nope'"),
+    }
+    for name, (content, message) in crafted.items():
+        torch.save(content, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=message):
+            neusub.load(tmp_path / f"{name}.pt")
 
 
 def test_the_command_line_starts_without_torch():
@@ -133,6 +144,18 @@ def test_the_library_needs_no_command_line_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True []"
+
+
+def test_load_is_library_code(run: Path):
+    """``neusub.load`` reads the command line's files without the command line (or its extra)."""
+    code = WITHOUT_CLI_PACKAGES.format(names=("matplotlib", "sklearn")) + (
+        "import neusub, torch\n"
+        f"models = [neusub.load({str(run)!r}), neusub.load({str(run / 'deployed.pt')!r})]\n"
+        "y = [m(torch.randn(2, 1, 8, 8)) for m in models]\n"
+        "print(sorted(n for n in sys.modules if n.startswith('neusub.cli')), y[0].shape == y[1].shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] True"
 
 
 def test_the_command_line_names_the_missing_extra():

@@ -114,10 +114,6 @@ class Bundle(Tensor):
         return func(*tree_map(merge, args), **tree_map(merge, kwargs or {}))
 
 
-def streams_of(x: Any) -> Tensor | None:
-    return x.streams if isinstance(x, Bundle) else None
-
-
 def count(x: Any) -> int:
     """The stream count of a value: S for a bundle, 1 for anything else."""
     return x.streams.shape[0] if isinstance(x, Bundle) else 1

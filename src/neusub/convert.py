@@ -657,8 +657,4 @@ def _identity_norm(norm: nn.Module, bias: Tensor) -> None:
         norm.num_batches_tracked.zero_()
 
 
-def is_converted(model: nn.Module) -> bool:
-    return getattr(model, "neusub_conversion", None) is not None
-
-
 __all__ = ["Bundle", "Conversion", "ConvertedLayer", "convert", "deploy_converted", "select_layers"]

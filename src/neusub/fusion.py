@@ -42,11 +42,6 @@ def fold_conv_bn(kernel: Tensor, bias: Tensor | None, scale: Tensor, shift: Tens
     return kernel * scale.reshape(shape), fused_bias
 
 
-def fold_linear_bn(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> Kernel:
-    """Linear ``(D_out, D_in)`` followed by BatchNorm1d's affine map ``(D_out,)``."""
-    return fold_conv_bn(weight, bias, scale, shift)
-
-
 def pad_kernel(kernel: Tensor, size: tuple[int, int]) -> Tensor:
     """Zero-pad a ``(.., kh, kw)`` kernel to the centre of ``size`` (1×1, 1×k, k×1 → k×k).
 
@@ -75,12 +70,6 @@ def identity_kernel(channels: int, groups: int, size: tuple[int, int], *, like: 
     rows = torch.arange(channels, device=like.device)
     kernel[rows, rows % per_group, size[0] // 2, size[1] // 2] = 1
     return kernel
-
-
-def channel_scale_kernel(scale: Tensor, groups: int, size: tuple[int, int]) -> Tensor:
-    """Per-channel scale ``(C,)`` as a ``(C, C // groups, kh, kw)`` kernel."""
-    kernel = identity_kernel(scale.numel(), groups, size, like=scale)
-    return kernel * scale.reshape(-1, 1, 1, 1)
 
 
 def avg_pool_kernel(channels: int, groups: int, size: tuple[int, int], *, like: Tensor) -> Tensor:

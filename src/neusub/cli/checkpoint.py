@@ -1,4 +1,6 @@
-"""Checkpoints: atomic writes, safe loads (``torch.load(weights_only=True)``), clear errors."""
+"""Writing a run's files: atomic writes (a file is complete or absent), JSON, RNG state.
+
+Reading them back is :mod:`neusub.saved`."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import json
 import math
 import os
 import random
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,8 +18,6 @@ import torch
 
 from ..files import TEMP_SUFFIX, written_atomically
 from .errors import CLIError
-
-FORMAT = "neusub-checkpoint-v1"
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -79,49 +78,6 @@ def finite_json(obj: Any, indent: int | None = None) -> str:
 
 def atomic_save_json(obj: dict, path: str | Path) -> None:
     atomic_write(path, lambda handle: handle.write(finite_json(obj, indent=2).encode()))
-
-
-def verify_archive(path: Path) -> None:
-    """Check every member of a checkpoint's zip archive against its stored CRC-32.
-
-    ``torch.load`` does not: a flipped byte inside a tensor would load silently."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as err:
-        raise CLIError(
-            f"{path} is not a readable neusub checkpoint ({err}); it may be truncated or from another "
-            "program — use a file written by `neusub train` / `neusub deploy`"
-        ) from None
-    if bad is not None:
-        raise CLIError(
-            f"{path} is corrupt: its member {bad!r} fails its checksum (a changed byte on disk); "
-            "restore it from a copy, or resume from an earlier checkpoint"
-        )
-
-
-def safe_load(path: str | Path, expect: str | tuple[str, ...] = FORMAT) -> dict:
-    """Load a neusub file of format ``expect`` (one or several) without unpickling arbitrary
-    objects, after checking its checksums; ``CLIError`` when it is not one."""
-    path = Path(path)
-    expect = (expect,) if isinstance(expect, str) else expect
-    if not path.is_file():
-        raise CLIError(f"checkpoint {path} does not exist; pass the path of a run's last.pt or a run folder")
-    verify_archive(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt, or pickles foreign objects
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise CLIError(
-            f"{path} is not a readable neusub checkpoint ({reason}); it may be truncated or "
-            "from another program — use a last.pt written by `neusub train`"
-        ) from None
-    if not isinstance(obj, dict) or obj.get("format") not in expect:
-        raise CLIError(
-            f"{path} is not a {' or '.join(expect)} file; "
-            "use a file written by `neusub train` / `neusub deploy`"
-        )
-    return obj
 
 
 def rng_state() -> dict:

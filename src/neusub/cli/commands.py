@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import check_equivalence, deploy
+from .. import check_equivalence, deploy, saved
 from ..analysis import accuracy, evaluate
-from .checkpoint import FORMAT, atomic_save, atomic_save_json, atomic_write, safe_load
+from ..saved import DataInfo, info_dict, info_from_dict
+from .checkpoint import atomic_save, atomic_save_json, atomic_write
 from .config import (
     RESUME_CHANGES,
     TrainConfig,
@@ -28,18 +29,12 @@ from .config import (
     read_config_file,
     short_run_warnings,
 )
-from .data import DataInfo, info_dict, info_from_dict, load_dataset
-from .errors import CLIError, Stopped, stop_code
+from .data import load_dataset
+from .distributed import finish, setup_distributed
+from .errors import CLIError, Stopped, library_refusals, stop_code
+from .plots import write_plot
 from .runfolder import ABSENT, CHECKPOINTED, EMPTY, STARTED, RunFolder
-from .trainer import (
-    DEPLOYED_FORMAT,
-    Trainer,
-    build_model,
-    load_state,
-    save_deployed,
-    setup_distributed,
-    write_plot,
-)
+from .trainer import Trainer, save_deployed
 
 
 def _resume_config(folder: RunFolder, explicit: dict) -> tuple[TrainConfig, dict]:
@@ -164,8 +159,7 @@ def _train_in(
         x = next(iter(torch.utils.data.DataLoader(trainer.val_set, batch_size=64)))[0].to(env.device)
         record["equivalence_error"] = check_equivalence(trainer.model, x, deployed)
         write_plot(folder.path)
-    if env.world > 1:
-        torch.distributed.destroy_process_group()
+    finish(env)
     return record if env.main else {}
 
 
@@ -177,29 +171,17 @@ def _checkpoint_path(path: str) -> Path:
     return p / "last.pt" if p.is_dir() else p
 
 
-TORCHVISION_FORMAT = "neusub-torchvision-v1"  # `export --format torchvision`: a torchvision ResNet
-
-
 def load_run_model(path: str) -> tuple[nn.Module, TrainConfig, DataInfo, bool]:
     """``(model, config, info, deployed?)`` from a training checkpoint, a deployed file or a
     torchvision export (then the model is the ``torchvision.models.ResNet``)."""
     file = _checkpoint_path(path)
-    ckpt = safe_load(file, (FORMAT, DEPLOYED_FORMAT, TORCHVISION_FORMAT))
-    deployed = ckpt["format"] != FORMAT
-    for key in ("config", "info", "state_dict" if deployed else "model"):
-        if key not in ckpt:
-            raise CLIError(f"{file} lacks {key!r}; it was not written by neusub (or was changed)")
-    cfg = config_from_dict(ckpt["config"], f"{file}: config")
-    info = info_from_dict(ckpt["info"], f"{file}: info")
-    model = build_model(cfg, info)
-    if ckpt["format"] == DEPLOYED_FORMAT:
-        model = deploy(model)
-    elif ckpt["format"] == TORCHVISION_FORMAT:
-        from ..export import to_torchvision
-
-        model = to_torchvision(model)  # the layout; the weights come from the file
-    load_state(model, ckpt["state_dict"] if deployed else ckpt["model"], str(file))
-    return model.eval(), cfg, info, deployed
+    with library_refusals():
+        ckpt = saved.read(file, saved.MODEL_FORMATS)
+        settings, info = saved.settings_of(ckpt, file)
+    cfg = config_from_dict(settings, f"{file}: config")
+    with library_refusals():
+        model = saved.model_from(ckpt, cfg, info, str(file))
+    return model, cfg, info, ckpt["format"] != saved.CHECKPOINT_FORMAT
 
 
 ONNX_CONFIG, ONNX_INFO = "neusub.config", "neusub.info"  # metadata keys of exported ONNX files
@@ -220,7 +202,8 @@ def _load_onnx_model(path: str) -> tuple[object, TrainConfig, DataInfo, str]:
         )
     try:
         cfg = config_from_dict(json.loads(model.metadata[ONNX_CONFIG]), f"{path}: metadata")
-        info = info_from_dict(json.loads(model.metadata[ONNX_INFO]), f"{path}: metadata")
+        with library_refusals():
+            info = info_from_dict(json.loads(model.metadata[ONNX_INFO]), f"{path}: metadata")
     except json.JSONDecodeError as err:
         raise CLIError(f"{path}: its neusub metadata is not valid JSON ({err})") from None
     return model, cfg, info, "onnx-int8" if model.quantized else "onnx"
@@ -346,7 +329,7 @@ def cmd_export(
         except ValueError as err:
             raise CLIError(str(err)) from None
         state = {
-            "format": TORCHVISION_FORMAT,
+            "format": saved.TORCHVISION_FORMAT,
             "arch": cfg.model,
             "state_dict": tv.state_dict(),
             "config": config_dict(cfg),

@@ -12,13 +12,13 @@ import gzip
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset, TensorDataset
 
+from ..saved import DataInfo
 from .checkpoint import atomic_write
 from .errors import CLIError
 
@@ -43,47 +43,6 @@ LAYOUTS = {
     "features": "PATH/train.pt and PATH/val.pt (or .npy pairs PATH/{train,val}_{features,labels}.npy); "
     "each .pt a dict {'features': (N, [T,] D) float tensor, 'labels': (N,) int tensor}",
 }
-
-
-@dataclass
-class DataInfo:
-    num_classes: int
-    in_chans: int
-    input_shape: tuple[int, ...]  # one sample
-    kind: str  # "image" or "features"
-
-
-def info_dict(info: DataInfo) -> dict:
-    return {
-        "num_classes": info.num_classes,
-        "in_chans": info.in_chans,
-        "input_shape": list(info.input_shape),
-        "kind": info.kind,
-    }
-
-
-def info_from_dict(values: object, where: str) -> DataInfo:
-    """A ``DataInfo`` from a checkpoint, its values checked (a crafted file cannot ask for absurd sizes)."""
-    try:
-        num_classes, in_chans, shape, kind = (
-            values[k] for k in ("num_classes", "in_chans", "input_shape", "kind")
-        )
-        shape = tuple(shape)
-    except (KeyError, TypeError) as err:
-        raise CLIError(f"{where} is malformed ({err!r}); use a file written by `neusub train`") from None
-    sizes = [num_classes, in_chans, *shape]
-    integers = all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
-    if (
-        kind not in ("image", "features")
-        or not 1 <= len(shape) <= 3
-        or not integers
-        or not 1 <= num_classes <= 1_000_000
-        or not all(1 <= v <= 65_536 for v in sizes[1:])
-    ):
-        raise CLIError(
-            f"{where} describes impossible data ({values!r}); use a file written by `neusub train`"
-        )
-    return DataInfo(num_classes, in_chans, shape, kind)
 
 
 def _unusable(dataset: str, path: str, detail: str) -> CLIError:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class CLIError(Exception):
     """A user error: the message names the problem and the fix (exit code 2)."""
+
+
+@contextlib.contextmanager
+def library_refusals() -> Iterator[None]:
+    """The library's refusals inside the block (``ValueError``, its message names the fix) as ``CLIError``."""
+    try:
+        yield
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 class Terminated(KeyboardInterrupt):

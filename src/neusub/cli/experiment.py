@@ -48,7 +48,7 @@ from .analyze import run_label
 from .checkpoint import atomic_save_json, atomic_write
 from .config import FIELDS, build_config, check_values, config_dict, load_toml
 from .errors import CLIError, Stopped, stop_code
-from .runfolder import CHECKPOINTED, STARTED, RunFolder, describe_os_error
+from .runfolder import CHECKPOINTED, STARTED, RunFolder, describe_os_error, epoch_records
 
 # Fields that make the columns of the tables (how layers are connected); the rest make rows.
 COLUMN_FIELDS = ("connectivity", "stochastic", "neural_drop", "guided")
@@ -180,8 +180,7 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
     flags = {**settings, "out": str(path), "resume": state == "resume"}
     record = train({k: v for k, v in flags.items() if k in FIELDS})
     # The last epoch's record (a resumed run that had finished training returns none itself).
-    lines = (path / "metrics.jsonl").read_text().splitlines()
-    last = [r for r in map(json.loads, filter(None, lines)) if "epoch" in r][-1]
+    last = epoch_records(path)[-1]
     plain, cfg, _, _ = load_run_model(str(path / "deployed.pt"))
     batches = val_batches(cfg, cfg.val_samples)
     result = {

@@ -35,6 +35,19 @@ METRICS = "metrics.jsonl"
 ABSENT, EMPTY, STARTED, CHECKPOINTED, FOREIGN = "absent", "empty", "started", "checkpointed", "foreign"
 
 
+def epoch_records(run_dir: str | Path) -> list[dict]:
+    """The per-epoch records of ``metrics.jsonl`` (``null`` as NaN; unreadable lines skipped)."""
+    records = []
+    for line in (Path(run_dir) / METRICS).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            records.append({k: float("nan") if v is None else v for k, v in record.items()})
+    return records
+
+
 def describe_os_error(err: OSError, doing: str) -> str:
     """``cannot <doing> (<reason>)``, with the usual way out for the common reasons."""
     reason = err.strerror or str(err)

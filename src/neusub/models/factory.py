@@ -26,14 +26,16 @@ from ..streams import (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerFactory:
-    recipe: str | Recipe = "nsnet"
-    connectivity: str = "ns"
-    stochastic: float = 0.0
-    neural_drop: float = 0.0
-    act: str = "relu"
-    guided: bool = True  # False: the paper's ablation, activations per stream (not exact)
+    """The layer options of one model; their defaults and meaning are ``create_model``'s."""
+
+    recipe: str | Recipe
+    connectivity: str
+    stochastic: float
+    neural_drop: float
+    act: str
+    guided: bool  # False: the paper's ablation, activations per stream (not exact)
 
     def __post_init__(self) -> None:
         as_recipe(self.recipe)
