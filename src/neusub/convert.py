@@ -223,21 +223,7 @@ def convert(
     or ``"fresh"`` (the re-parameterized layers start from neusub's default initialisation).
     The result's ``neusub_conversion`` says what was done (``print`` it).
     """
-    if connectivity not in CONNECTIVITIES:
-        raise ValueError(
-            f"convert: unknown connectivity {connectivity!r}; choose one of {', '.join(CONNECTIVITIES)}"
-        )
-    as_recipe(recipe)
-    check_probability(stochastic, "stochastic")
-    check_probability(neural_drop, "neural_drop")
-    for name, value, allowed in (
-        ("init", init, ("inherit", "fresh")),
-        ("on_merge", on_merge, ("warn", "ignore", "error")),
-    ):
-        if value not in allowed:
-            raise ValueError(f"convert: {name}={value!r} is invalid; use one of {', '.join(allowed)}")
-    if getattr(model, "neusub_conversion", None) is not None:
-        raise ValueError("convert: the model is already converted; deploy it first (neusub.deploy)")
+    _check_arguments(model, recipe, connectivity, stochastic, neural_drop, init, on_merge)
     chosen, skipped = select_layers(model, layers, recipe)
     settings = dict(connectivity=connectivity, stochastic=stochastic, neural_drop=neural_drop)
     probed = _probe(model, chosen, settings, _example(model, example_input), guided)
@@ -259,12 +245,7 @@ def convert(
         for layer in layers_done
         if _needs_new_bias(layer)
     ]
-    converted.neusub_conversion = conversion
-    converted.register_forward_pre_hook(_enter_forward)
-    converted.register_forward_hook(_leave_forward)
-    for name in _ENTRY_POINTS:  # timm's other entry points return plain tensors too
-        if callable(getattr(type(converted), name, None)):
-            setattr(converted, name, _PlainOutputs(converted, name))
+    _attach(converted, conversion)
     if starved and on_merge == "warn":
         where = "; ".join(f"{path} ({op})" for path, op, _ in probe.merges[:4])
         layers_named = ", ".join(starved[:3]) + (", ..." if len(starved) > 3 else "")
@@ -276,6 +257,43 @@ def convert(
             stacklevel=2,
         )
     return converted
+
+
+def _check_arguments(
+    model: nn.Module,
+    recipe: str | Recipe,
+    connectivity: str,
+    stochastic: float,
+    neural_drop: float,
+    init: str,
+    on_merge: str,
+) -> None:
+    """``ValueError`` naming the first argument of :func:`convert` it cannot take."""
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(
+            f"convert: unknown connectivity {connectivity!r}; choose one of {', '.join(CONNECTIVITIES)}"
+        )
+    as_recipe(recipe)
+    check_probability(stochastic, "stochastic")
+    check_probability(neural_drop, "neural_drop")
+    for name, value, allowed in (
+        ("init", init, ("inherit", "fresh")),
+        ("on_merge", on_merge, ("warn", "ignore", "error")),
+    ):
+        if value not in allowed:
+            raise ValueError(f"convert: {name}={value!r} is invalid; use one of {', '.join(allowed)}")
+    if getattr(model, "neusub_conversion", None) is not None:
+        raise ValueError("convert: the model is already converted; deploy it first (neusub.deploy)")
+
+
+def _attach(converted: nn.Module, conversion: Conversion) -> None:
+    """Give ``converted`` its record and hooks: bundles inside, plain tensors at every entry point."""
+    converted.neusub_conversion = conversion
+    converted.register_forward_pre_hook(_enter_forward)
+    converted.register_forward_hook(_leave_forward)
+    for name in _ENTRY_POINTS:  # timm's other entry points return plain tensors too
+        if callable(getattr(type(converted), name, None)):
+            setattr(converted, name, _PlainOutputs(converted, name))
 
 
 _ENTRY_POINTS = ("forward_features", "forward_head", "forward_intermediates")
