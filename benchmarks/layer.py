@@ -204,7 +204,6 @@ def _categorise(events, setup: Setup, iters: int) -> dict[str, float]:
 def profile_fast(args: argparse.Namespace, iters: int, iters_components: int = 5) -> dict:
     """Where the fast path's forward + backward time goes."""
     setup = Setup("fast", args)
-    layer = setup.layer
     for _ in range(2):
         setup.step()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -219,10 +218,31 @@ def profile_fast(args: argparse.Namespace, iters: int, iters_components: int = 5
         ((e.key, e.self_cpu_time_total / 1e3 / iters, e.count // iters) for e in events),
         key=lambda r: -r[1],
     )[:15]
+    parts = {**component_steps(setup, args.batch), "whole step": setup.step}
+    measured = {}
+    for name, fn in parts.items():
+        measured[name] = [round(1e3 * t, 2) for t in harness.median_time(fn, 1, iters_components)]
+    whole = measured.pop("whole step")
+    return {
+        "profiler_table": table,
+        "profiler_top_ops_ms_per_step": [{"op": k, "self_ms": round(t, 2), "calls": c} for k, t, c in by_op],
+        "profiler_total_self_ms_per_step": total_self / 1e3 / iters,
+        "profiler_categories_ms": categories,
+        "components_ms": {k: {"median": v[0], "min": v[1], "cpu": v[2]} for k, v in measured.items()},
+        "components_sum_ms": {
+            "median": round(sum(v[0] for v in measured.values()), 2),
+            "min": round(sum(v[1] for v in measured.values()), 2),
+            "cpu": round(sum(v[2] for v in measured.values()), 2),
+        },
+        "whole_step_ms": {"median": whole[0], "min": whole[1], "cpu": whole[2]},
+    }
 
-    # components, each forward + backward in isolation on the layer's real shapes
+
+def component_steps(setup: Setup, b: int) -> dict:
+    """Each component of the fast path's step, forward + backward in isolation on the layer's real shapes."""
+    layer = setup.layer
     flat = setup.x.detach().reshape(-1, *setup.x.shape[2:]).requires_grad_()
-    n, s, b = layer.num_branches, layer.in_streams, args.batch
+    n, s = layer.num_branches, layer.in_streams
     geom = layer.geom
     with torch.no_grad():
         moments = input_moments(flat)
@@ -259,30 +279,12 @@ def profile_fast(args: argparse.Namespace, iters: int, iters_components: int = 5
         out = torch.einsum("ilj,lbgjcx->ibgcx", mixing, z_leaf.view(z_shape))
         out.backward(g_mix)
 
-    parts = {
+    return {
         f"conv (stacked, N·C_out = {weight.shape[0]})": conv_step,
         "BatchNorm (stacked)": bn_step,
         "input moments (mean, covariance)": moments_step,
         "partition einsum": einsum_step,
         "kernel composition (+ running stats)": kernel_step,
-    }
-    parts["whole step"] = setup.step
-    measured = {}
-    for name, fn in parts.items():
-        measured[name] = [round(1e3 * t, 2) for t in harness.median_time(fn, 1, iters_components)]
-    whole = measured.pop("whole step")
-    return {
-        "profiler_table": table,
-        "profiler_top_ops_ms_per_step": [{"op": k, "self_ms": round(t, 2), "calls": c} for k, t, c in by_op],
-        "profiler_total_self_ms_per_step": total_self / 1e3 / iters,
-        "profiler_categories_ms": categories,
-        "components_ms": {k: {"median": v[0], "min": v[1], "cpu": v[2]} for k, v in measured.items()},
-        "components_sum_ms": {
-            "median": round(sum(v[0] for v in measured.values()), 2),
-            "min": round(sum(v[1] for v in measured.values()), 2),
-            "cpu": round(sum(v[2] for v in measured.values()), 2),
-        },
-        "whole_step_ms": {"median": whole[0], "min": whole[1], "cpu": whole[2]},
     }
 
 
