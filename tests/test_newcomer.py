@@ -158,6 +158,27 @@ def test_load_is_library_code(run: Path):
     assert out.strip() == "[] True"
 
 
+def test_no_library_module_imports_the_command_line():
+    import ast
+
+    root = Path(neusub.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if "cli" in path.relative_to(root).parts or path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n.lstrip(".").split(".")[0] == "cli" or n.startswith("neusub.cli") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
+
+
 def test_the_command_line_names_the_missing_extra():
     code = WITHOUT_CLI_PACKAGES.format(names=("matplotlib", "tqdm", "sklearn"))
     code += "from neusub.cli import main\nsys.exit(main(['demo']))\n"
