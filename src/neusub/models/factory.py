@@ -17,7 +17,6 @@ from ..layers import CONNECTIVITIES, RepConv2d, RepLinear
 from ..recipes import Recipe, as_recipe
 from ..streams import (
     GuidedActivation,
-    GuidedMaxPool2d,
     StreamAdd,
     StreamDropPath,
     StreamGate,
@@ -101,9 +100,6 @@ class LayerFactory:
 
     def activation(self, streams: int) -> GuidedActivation:
         return GuidedActivation(self.act, in_streams=streams, guided=self.guided)
-
-    def max_pool(self, kernel: int, stride: int, padding: int, streams: int) -> GuidedMaxPool2d:
-        return GuidedMaxPool2d(kernel, stride, padding, in_streams=streams)
 
     def gate(self, gate: nn.Module, streams: int) -> StreamGate:
         return StreamGate(gate, in_streams=streams)
