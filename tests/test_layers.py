@@ -420,3 +420,17 @@ def test_few_rows_take_the_variance_from_the_rows():
     fresh = input_moments(x)
     layer.branches["1x1_4c_kxk"].batch_affine(fresh)
     assert "cov" not in fresh.__dict__
+
+
+def test_a_convs_many_rows_take_the_variance_through_the_covariance():
+    # B·H·W rows ≫ channels: projecting every row would keep (M, n) for backward per branch,
+    # the covariance keeps (C, C) once per layer.
+    from neusub.branches import input_moments
+
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64)  # 144 rows, 8 channels
+    weight = torch.randn(1, 8, 8, dtype=torch.float64)
+    moments = input_moments(x)
+    through_cov = moments.projected_variance(weight)
+    assert "cov" in moments.__dict__
+    rows = x.permute(1, 0, 2, 3).reshape(8, -1)
+    assert torch.allclose(through_cov, (weight[0] @ rows).var(1, correction=0), rtol=1e-12, atol=0)

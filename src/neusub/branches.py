@@ -45,10 +45,12 @@ class Moments:
 
     def projected_variance(self, weight: Tensor) -> Tensor:
         """``diag(W Σ Wᵀ)`` for ``weight`` ``(G, M/G, C/G)``: the variance of each output of a
-        1×1 conv over the input, ``(M,)``. Through Σ costs ``M·C²/G`` (and Σ itself ``n·C²/G``);
-        from the rows ``n·M·C/G``, cheaper when there are fewer rows than channels (an MLP)."""
+        1×1 conv over the input, ``(M,)``. Through Σ costs ``M·C²/G`` per branch (and Σ itself
+        ``n·C²/G``, once per layer), and keeps only ``C²/G`` for backward; from the ``n`` rows it
+        costs ``n·M·C/G`` and keeps ``n·(M + C)/G``. The rows win on both only when there are
+        fewer of them than channels (an MLP's small batch); a conv's ``B·H·W`` rows go through Σ."""
         groups, outputs, channels = weight.shape
-        if self.count * outputs < (self.count + outputs) * channels and "cov" not in self.__dict__:
+        if self.count < channels and "cov" not in self.__dict__:
             centred = weight @ (self.rows - self.rows.mean(2, keepdim=True))  # (G, M/G, n)
             return centred.square().mean(2).flatten()
         return ((weight @ self.cov) * weight).sum(-1).flatten()
