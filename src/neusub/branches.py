@@ -49,7 +49,7 @@ class Moments:
         ``n·C²/G``, once per layer), and keeps only ``C²/G`` for backward; from the ``n`` rows it
         costs ``n·M·C/G`` and keeps ``n·(M + C)/G``. The rows win on both only when there are
         fewer of them than channels (an MLP's small batch); a conv's ``B·H·W`` rows go through Σ."""
-        groups, outputs, channels = weight.shape
+        channels = weight.shape[-1]
         if self.count < channels and "cov" not in self.__dict__:
             centred = weight @ (self.rows - self.rows.mean(2, keepdim=True))  # (G, M/G, n)
             return centred.square().mean(2).flatten()
