@@ -225,6 +225,8 @@ def convert(
     """
     _check_arguments(model, recipe, connectivity, stochastic, neural_drop, init, on_merge)
     chosen, skipped = select_layers(model, layers, recipe)
+    if not chosen:
+        raise ValueError(_nothing_selected(model, layers, skipped))
     settings = dict(connectivity=connectivity, stochastic=stochastic, neural_drop=neural_drop)
     probed = _probe(model, chosen, settings, _example(model, example_input), guided)
     probe = probed.probe
@@ -259,6 +261,17 @@ def convert(
     return converted
 
 
+def _nothing_selected(model: nn.Module, layers: LayerSpec, skipped: list[tuple[str, str]]) -> str:
+    policy = "the default layers= (every k×k nn.Conv2d)" if layers is None else f"layers={layers!r}"
+    reasons = "; ".join(f"{path}: {why}" for path, why in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+    return (
+        f"convert: {policy} selects no layer of {type(model).__name__} to re-parameterize"
+        + (f" ({reasons})" if reasons else "")
+        + "; pick layers by kind or name: layers='all' (every conv), 'linear' (every nn.Linear, e.g. "
+        "a ViT's or MLP-Mixer's), or patterns such as layers=['blocks.*']"
+    )
+
+
 def _check_arguments(
     model: nn.Module,
     recipe: str | Recipe,
@@ -290,33 +303,59 @@ def _attach(converted: nn.Module, conversion: Conversion) -> None:
     """Give ``converted`` its record and hooks: bundles inside, plain tensors at every entry point."""
     converted.neusub_conversion = conversion
     converted.register_forward_pre_hook(_enter_forward)
-    converted.register_forward_hook(_leave_forward)
+    converted.register_forward_hook(_leave_forward, always_call=True)
     for name in _ENTRY_POINTS:  # timm's other entry points return plain tensors too
         if callable(getattr(type(converted), name, None)):
             setattr(converted, name, _PlainOutputs(converted, name))
 
 
 _ENTRY_POINTS = ("forward_features", "forward_head", "forward_intermediates")
+# How many entry points of a converted model are running (its forward, forward_features, ...):
+# only the outermost returns plain tensors. Inside, ``forward`` calling ``self.forward_head``
+# passes bundles on, as the probe saw them (a merge there would change the stream counts).
+_DEPTH = "_neusub_depth"
+
+
+def _enter(model: nn.Module) -> None:
+    depth = model.__dict__.get(_DEPTH, 0)
+    if depth == 0:
+        GUIDED.set(model.neusub_conversion.guided)
+    model.__dict__[_DEPTH] = depth + 1
+
+
+def _leave(model: nn.Module, output: Any) -> Any:
+    depth = model.__dict__[_DEPTH] - 1
+    model.__dict__[_DEPTH] = depth
+    if depth > 0:
+        return output
+    GUIDED.set(True)
+    return merge_all(output)
 
 
 class _PlainOutputs:
-    """``model.<name>(...)`` with the bundles in its result replaced by their sums."""
+    """``model.<name>(...)`` with the bundles in its result replaced by their sums (when called
+    from outside the model; see ``_DEPTH``)."""
 
     def __init__(self, model: nn.Module, name: str):
         self.model, self.name = model, name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return merge_all(getattr(type(self.model), self.name)(self.model, *args, **kwargs))
+        _enter(self.model)
+        output = None
+        try:
+            output = getattr(type(self.model), self.name)(self.model, *args, **kwargs)
+        finally:
+            output = _leave(self.model, output)
+        return output
 
 
 def _enter_forward(module: nn.Module, args: tuple) -> None:
-    GUIDED.set(module.neusub_conversion.guided)
+    _enter(module)
 
 
 def _leave_forward(module: nn.Module, args: tuple, output: Any) -> Any:
     """The converted model returns plain tensors: bundles in its output become their sums."""
-    GUIDED.set(True)
-    return merge_all(output)
+    return _leave(module, output)
 
 
 def _example(model: nn.Module, given: Tensor | tuple | None) -> Tensor:
@@ -651,7 +690,7 @@ def deploy_converted(model: nn.Module) -> nn.Module:
             module.bias = nn.Parameter(bias.clone())
         _set_submodule(plain, spec.path, module)
     del plain.neusub_conversion
-    for name in _ENTRY_POINTS:
+    for name in (*_ENTRY_POINTS, _DEPTH):
         plain.__dict__.pop(name, None)
     for hooks in (plain._forward_pre_hooks, plain._forward_hooks):
         for key, hook in list(hooks.items()):

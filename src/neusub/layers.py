@@ -124,6 +124,10 @@ class _RepLayer(StreamModule):
             self.set_in_streams(streams.shape[0])
             if streams.shape[0] == 1 and probe.derives_from_merge(x):
                 probe.starved.append(probe.where())
+        elif streams.shape[0] == 1 and self.in_streams > 1:
+            # A plain tensor where the forward passes streams (e.g. the user calls forward_head on
+            # merged features): it enters as x / S in each stream, exact as any one-stream operand.
+            streams = (streams / self.in_streams).expand(self.in_streams, *streams.shape[1:])
         plain_shape = streams.shape[1:]
         if isinstance(self, RepLinear) and streams.dim() > 4:  # (S, B, *mid, D) → (S, B, T, D)
             streams = streams.reshape(streams.shape[0], streams.shape[1], -1, streams.shape[-1])
