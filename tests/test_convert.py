@@ -315,7 +315,11 @@ def test_refusals_name_the_problem_and_the_way_out():
     even = nn.Sequential(nn.Conv2d(3, 4, 4, padding=1))
     with pytest.raises(ValueError, match=r"layers= selects 0 .*kernel_size=\(4, 4\) is even.*leave it out"):
         neusub.convert(even, layers=["0"], example_input=(1, 3, 8, 8))
-    skipped = neusub.convert(even, example_input=(1, 3, 8, 8)).neusub_conversion.skipped  # default: skipped
+    # default: skipped, with the reason; here nothing is left to re-parameterize, which is an error
+    with pytest.raises(ValueError, match=r"selects no layer of Sequential.*kernel_size=\(4, 4\) is even"):
+        neusub.convert(even, example_input=(1, 3, 8, 8))
+    two = nn.Sequential(nn.Conv2d(3, 4, 4, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    skipped = neusub.convert(two, example_input=(1, 3, 8, 8)).neusub_conversion.skipped
     assert skipped[0][0] == "0" and "is even" in skipped[0][1]
     with pytest.raises(ValueError, match=r"unknown layers='convs'"):
         neusub.convert(model, layers="convs")

@@ -39,26 +39,9 @@ def rule(*funcs: Callable) -> Callable[[Rule], Rule]:
     return register
 
 
-# Tensor properties answered by the bundle's own metadata (those of the stream sum).
-_METADATA = {
-    "shape",
-    "ndim",
-    "dtype",
-    "device",
-    "layout",
-    "is_cuda",
-    "is_meta",
-    "is_sparse",
-    "is_quantized",
-    "is_mkldnn",
-    "is_nested",
-    "is_cpu",
-    "is_xpu",
-    "is_mps",
-    "names",
-    "itemsize",
-    "nbytes",
-}
+# Tensor properties whose value is computed from the data (the others, shape, dtype, is_leaf,
+# ..., are the bundle's own metadata: those of the stream sum).
+_VALUE_PROPERTIES = {"T", "mT", "H", "mH", "real", "imag", "data"}
 _METADATA_METHODS = {
     Tensor.size,
     Tensor.dim,
@@ -74,6 +57,13 @@ _METADATA_METHODS = {
     Tensor.stride,
     Tensor.storage_offset,
     Tensor.is_signed,
+    # what torch.compile's AOTAutograd asks of a graph's outputs (of the wrapper, not the data)
+    Tensor.untyped_storage,
+    Tensor.data_ptr,
+    Tensor._is_view,
+    Tensor.is_inference,
+    Tensor.is_conj,
+    Tensor.is_neg,
 }
 
 
@@ -95,6 +85,16 @@ class Bundle(Tensor):
         )
         out.streams = streams
         return out
+
+    # torch.compile: a traceable wrapper subclass whose one inner tensor is ``streams``, so
+    # Dynamo runs ``__torch_function__`` (the stream rules) into the graph, and AOTAutograd sees
+    # only the streams.
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["streams"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta: None, outer_size: Any, outer_stride: Any) -> Bundle:
+        return Bundle(inner["streams"])
 
     @property
     def num_streams(self) -> int:
@@ -146,12 +146,12 @@ def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
     owner = getattr(func, "__self__", None)
     if owner is not None and type(owner).__name__ == "getset_descriptor":  # a property getter
         name = owner.__name__
-        if name in _METADATA:
-            return _plain_call(func, args, kwargs)
-        if name in ("requires_grad", "is_leaf", "grad_fn"):
+        if name in ("requires_grad", "grad_fn"):
             return getattr(args[0].streams, name)
         if name == "grad":
             return None
+        if name not in _VALUE_PROPERTIES:
+            return _plain_call(func, args, kwargs)
     if func in _METADATA_METHODS:
         return _plain_call(func, args, kwargs)
     found = RULES.get(func)

@@ -300,16 +300,18 @@ def _check_arguments(
 
 
 def _attach(converted: nn.Module, conversion: Conversion) -> None:
-    """Give ``converted`` its record and hooks: bundles inside, plain tensors at every entry point."""
+    """Give ``converted`` its record and its entry points: bundles inside, plain tensors out.
+
+    Each entry point (``forward`` and timm's others) is an instance attribute that calls the
+    class's method, not a forward hook: torch.compile then traces the merge into the forward's
+    own graph, and no bundle has to cross into a separate one."""
     converted.neusub_conversion = conversion
-    converted.register_forward_pre_hook(_enter_forward)
-    converted.register_forward_hook(_leave_forward, always_call=True)
-    for name in _ENTRY_POINTS:  # timm's other entry points return plain tensors too
+    for name in _ENTRY_POINTS:
         if callable(getattr(type(converted), name, None)):
             setattr(converted, name, _PlainOutputs(converted, name))
 
 
-_ENTRY_POINTS = ("forward_features", "forward_head", "forward_intermediates")
+_ENTRY_POINTS = ("forward", "forward_features", "forward_head", "forward_intermediates")
 # How many entry points of a converted model are running (its forward, forward_features, ...):
 # only the outermost returns plain tensors. Inside, ``forward`` calling ``self.forward_head``
 # passes bundles on, as the probe saw them (a merge there would change the stream counts).
@@ -318,8 +320,8 @@ _DEPTH = "_neusub_depth"
 
 def _enter(model: nn.Module) -> None:
     depth = model.__dict__.get(_DEPTH, 0)
-    if depth == 0:
-        GUIDED.set(model.neusub_conversion.guided)
+    if depth == 0 and not model.neusub_conversion.guided:  # the ablation (torch.compile: a graph break)
+        GUIDED.set(False)
     model.__dict__[_DEPTH] = depth + 1
 
 
@@ -328,7 +330,8 @@ def _leave(model: nn.Module, output: Any) -> Any:
     model.__dict__[_DEPTH] = depth
     if depth > 0:
         return output
-    GUIDED.set(True)
+    if not model.neusub_conversion.guided:
+        GUIDED.set(True)
     return merge_all(output)
 
 
@@ -347,15 +350,6 @@ class _PlainOutputs:
         finally:
             output = _leave(self.model, output)
         return output
-
-
-def _enter_forward(module: nn.Module, args: tuple) -> None:
-    _enter(module)
-
-
-def _leave_forward(module: nn.Module, args: tuple, output: Any) -> Any:
-    """The converted model returns plain tensors: bundles in its output become their sums."""
-    return _leave(module, output)
 
 
 def _example(model: nn.Module, given: Tensor | tuple | None) -> Tensor:
@@ -692,10 +686,6 @@ def deploy_converted(model: nn.Module) -> nn.Module:
     del plain.neusub_conversion
     for name in (*_ENTRY_POINTS, _DEPTH):
         plain.__dict__.pop(name, None)
-    for hooks in (plain._forward_pre_hooks, plain._forward_hooks):
-        for key, hook in list(hooks.items()):
-            if hook in (_enter_forward, _leave_forward):
-                del hooks[key]
     return plain.eval()
 
 
