@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +69,15 @@ _METADATA_METHODS = {
 }
 
 
+COMPILE_BREAK = (
+    "neusub: torch.compile split a converted model into several graphs while streams were live (a "
+    "graph break between a re-parameterized layer and the point where its streams merge), and streams "
+    "cannot cross from one compiled graph into the next exactly; remove the graph break "
+    "(torch._dynamo.explain(model)(x) lists them, fullgraph=True stops at the first) or run the model "
+    "uncompiled"
+)
+
+
 class Bundle(Tensor):
     """``S`` streams ``(S, *shape)`` seen as one tensor of ``shape`` (their sum).
 
@@ -75,26 +86,37 @@ class Bundle(Tensor):
     """
 
     streams: Tensor
+    # Whether another bundle views these streams (set by the view rules): in-place ops then write
+    # the streams in place, so that the other sees the change (see ``write_into``).
+    aliased: bool = False
 
     @staticmethod
     def __new__(cls, streams: Tensor) -> Bundle:
         if isinstance(streams, Bundle):
             raise TypeError("Bundle(streams) takes a plain tensor of streams, not a Bundle")
+        # The wrapper's own autograd metadata: a leaf that requires grad when the streams do (code
+        # asks ``x.requires_grad``). Autograd runs on the streams; the wrapper gets no gradient.
         out = Tensor._make_wrapper_subclass(
-            cls, streams.shape[1:], dtype=streams.dtype, device=streams.device, requires_grad=False
+            cls,
+            streams.shape[1:],
+            dtype=streams.dtype,
+            device=streams.device,
+            requires_grad=streams.requires_grad,
         )
         out.streams = streams
         return out
 
-    # torch.compile: a traceable wrapper subclass whose one inner tensor is ``streams``, so
-    # Dynamo runs ``__torch_function__`` (the stream rules) into the graph, and AOTAutograd sees
-    # only the streams.
+    # torch.compile: a traceable wrapper subclass, so that Dynamo puts bundles and their stream
+    # rules into one graph, where AOTAutograd sees only the streams. A bundle is rebuilt from its
+    # streams only where it crosses from one compiled graph into another (a graph break while
+    # streams are live): AOTAutograd then keeps autograd on the wrapper, not on the streams, and
+    # the gradient would stop there. That is refused (see COMPILE_BREAK).
     def __tensor_flatten__(self) -> tuple[list[str], None]:
         return ["streams"], None
 
     @staticmethod
     def __tensor_unflatten__(inner: dict, meta: None, outer_size: Any, outer_stride: Any) -> Bundle:
-        return Bundle(inner["streams"])
+        raise RuntimeError(COMPILE_BREAK)
 
     @property
     def num_streams(self) -> int:
@@ -146,22 +168,88 @@ def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
     owner = getattr(func, "__self__", None)
     if owner is not None and type(owner).__name__ == "getset_descriptor":  # a property getter
         name = owner.__name__
-        if name in ("requires_grad", "grad_fn"):
-            return getattr(args[0].streams, name)
         if name == "grad":
             return None
         if name not in _VALUE_PROPERTIES:
             return _plain_call(func, args, kwargs)
     if func in _METADATA_METHODS:
         return _plain_call(func, args, kwargs)
+    if func in _REFUSED:
+        raise TypeError(f"neusub: {_REFUSED[func]} is not supported on a multi-stream tensor (a Bundle)")
+    out = kwargs.get("out")
+    if out is not None:  # ``out=``: whatever computes the value, it is written into ``out``
+        value = dispatch(func, args, {k: v for k, v in kwargs.items() if k != "out"})
+        return tree_map(write_into, out, value) if isinstance(out, (tuple, list)) else write_into(out, value)
     found = RULES.get(func)
-    result = (
-        found(func, args, kwargs) if found is not None else merged_call(func, args, kwargs, "no stream rule")
-    )
+    if found is not None:
+        result = found(func, args, kwargs)
+    elif _mutates_first(func, args, kwargs):  # in place, no rule: on the sum, written back
+        result = write_into(args[0], merged_call(func, args, kwargs, "in place, without a stream rule"))
+    else:
+        result = merged_call(func, args, kwargs, "no stream rule")
     probe = _PROBE.get()
     if probe is not None:
         probe.note(func, args, kwargs, result)
     return result
+
+
+# Methods that change a tensor's storage or size: refused on a bundle (its streams have their own).
+_REFUSED = {
+    Tensor.set_: "Tensor.set_",
+    Tensor.resize_: "Tensor.resize_",
+    Tensor.resize_as_: "Tensor.resize_as_",
+}
+# In-place by name but not a write of values: they reach the wrapper (see ``dispatch``).
+_NOT_WRITES = {"requires_grad_", "share_memory_", "retain_grad"}
+
+
+def _mutates_first(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` writes its first argument, a bundle, in place: ``Tensor.clamp_``,
+    ``x += y`` (``__iadd__``), ``torch.relu_``, ``F.elu(x, inplace=True)``, ..."""
+    if not args or not isinstance(args[0], Bundle):
+        return False
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):
+        return True
+    if name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES:
+        return True
+    position = _inplace_position(func)
+    given = args[position] if position is not None and len(args) > position else False
+    return bool(kwargs.get("inplace", given))
+
+
+@functools.cache
+def _inplace_position(func: Callable) -> int | None:
+    """The positional index of a function's ``inplace`` parameter (None: it has none)."""
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def write_into(target: Any, value: Any) -> Any:
+    """An in-place op's result ``value`` written into ``target``, which keeps its identity (as
+    PyTorch's in-place ops do). A value of another stream count enters a bundle as its sum split
+    evenly over the target's streams (exact: only the sum is promised); a plain target takes the
+    sum.
+
+    A bundle takes the new streams as they are: the old ones stay intact for autograd (a guided
+    gate keeps its input for backward, where PyTorch's own in-place activations keep their output).
+    Only a bundle that shares its streams with another (``aliased``: ``x[:, :2]``, ``x.view(...)``)
+    has them written in place, so that the other sees the change, as a view would."""
+    if not isinstance(target, Bundle):
+        with torch._C.DisableTorchFunctionSubclass():
+            return target.copy_(merge(value))
+    streams = value.streams if isinstance(value, Bundle) else None
+    if streams is None or streams.shape[0] != target.num_streams:
+        streams = (merge(value) / target.num_streams).expand_as(target.streams).contiguous()
+    if target.aliased:
+        with torch._C.DisableTorchFunctionSubclass():
+            target.streams.copy_(streams)
+    else:
+        target.streams = streams
+    return target
 
 
 def merged_call(func: Callable, args: tuple, kwargs: dict, why: str) -> Any:

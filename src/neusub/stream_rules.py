@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .activations import ACTIVATIONS, clamp_gate
-from .bundle import GUIDED, Bundle, Rule, count, merge, merged_call, rule, wrap
+from .bundle import GUIDED, Bundle, Rule, count, merge, merged_call, rule, wrap, write_into
 
 # ---------------------------------------------------------------------- helpers
 
@@ -96,21 +96,6 @@ def _unify(values: list[Any], streams: int) -> list[Any]:
         plain = merge(value)
         out.append(plain / streams if isinstance(plain, (Tensor, int, float)) else plain)
     return out
-
-
-def _rebind(target: Any, result: Any) -> Any:
-    """An in-place op on ``target``: a bundle takes the result's streams (same object, as
-    PyTorch's in-place ops keep the tensor's identity); a plain tensor is updated with the
-    result's sum (the streams merge into it)."""
-    if isinstance(target, Bundle):
-        if isinstance(result, Bundle):
-            target.streams = result.streams
-        else:
-            target.streams = result.unsqueeze(0)
-        return target
-    with torch._C.DisableTorchFunctionSubclass():
-        target.copy_(merge(result))
-    return target
 
 
 # ---------------------------------------------------------------------- linear: folded batch
@@ -260,11 +245,65 @@ _LINEAR = [
 ]
 
 
+# The linear ops whose result may share the input's storage (a view): the bundles on both
+# sides are marked ``aliased``, so that an in-place op on either writes the shared streams.
+_VIEWS = {
+    Tensor.view,
+    Tensor.view_as,
+    torch.reshape,
+    Tensor.reshape,
+    torch.flatten,
+    Tensor.flatten,
+    torch.unflatten,
+    Tensor.unflatten,
+    torch.permute,
+    Tensor.permute,
+    torch.transpose,
+    Tensor.transpose,
+    torch.swapaxes,
+    Tensor.swapaxes,
+    torch.t,
+    Tensor.t,
+    torch.squeeze,
+    Tensor.squeeze,
+    torch.unsqueeze,
+    Tensor.unsqueeze,
+    torch.movedim,
+    Tensor.movedim,
+    torch.moveaxis,
+    Tensor.moveaxis,
+    Tensor.expand,
+    Tensor.expand_as,
+    torch.narrow,
+    Tensor.narrow,
+    torch.select,
+    Tensor.select,
+    Tensor.__getitem__,
+    torch.split,
+    Tensor.split,
+    torch.chunk,
+    Tensor.chunk,
+    torch.unbind,
+    Tensor.unbind,
+    torch.tensor_split,
+    Tensor.tensor_split,
+    torch.diagonal,
+    Tensor.diagonal,
+    Tensor.detach,
+    torch.detach,
+}
+
+
 @rule(*_LINEAR)
 def _linear(func, args, kwargs):
     if isinstance(args[0], Bundle) and func in (Tensor.to, Tensor.type) and _is_memory_format_only(kwargs):
         return wrap(_fold(func, args[0], args[1:], kwargs))
-    return _per_stream(func, args, kwargs, _stream_count((args, kwargs)))
+    result = _per_stream(func, args, kwargs, _stream_count((args, kwargs)))
+    if func in _VIEWS:
+        for bundle in tree_leaves((args[0], result)):
+            if isinstance(bundle, Bundle):
+                bundle.aliased = True
+    return result
 
 
 def _is_memory_format_only(kwargs: dict) -> bool:
@@ -354,7 +393,7 @@ def _sum(func, args, kwargs):
 @rule(*_ADD_INPLACE)
 def _sum_inplace(func, args, kwargs):
     target, other = args[:2]
-    return _rebind(target, _add(target, other, _ADD_INPLACE[func], kwargs.get("alpha", 1)))
+    return write_into(target, _add(target, other, _ADD_INPLACE[func], kwargs.get("alpha", 1)))
 
 
 @rule(Tensor.__rsub__, torch.rsub)
@@ -408,14 +447,14 @@ def _div(func, args, kwargs):
 
 @rule(Tensor.__imul__, Tensor.mul_)
 def _mul_inplace(func, args, kwargs):
-    return _rebind(args[0], _product(args[0], args[1], divide=False))
+    return write_into(args[0], _product(args[0], args[1], divide=False))
 
 
 @rule(Tensor.__itruediv__, Tensor.div_)
 def _div_inplace(func, args, kwargs):
     if count(args[1]) > 1:
         return merged_call(func, args, kwargs, "divides by a multi-stream tensor")
-    return _rebind(args[0], _product(args[0], args[1], divide=True))
+    return write_into(args[0], _product(args[0], args[1], divide=True))
 
 
 @rule(Tensor.__setitem__)
@@ -423,13 +462,10 @@ def _setitem(func, args, kwargs):
     target, index, value = args
     if not isinstance(target, Bundle):
         return merged_call(func, args, kwargs, "writes a multi-stream value into a plain tensor")
-    s = target.num_streams
-    (value,) = _unify([value], s)
+    (value,) = _unify([value], target.num_streams)
     index = index if isinstance(index, tuple) else (index,)
-    with torch._C.DisableTorchFunctionSubclass():
-        streams = target.streams.clone()
-        streams[(slice(None), *index)] = value.streams if isinstance(value, Bundle) else value
-    target.streams = streams
+    with torch._C.DisableTorchFunctionSubclass():  # in place: bundles viewing the target see it
+        target.streams[(slice(None), *index)] = value.streams if isinstance(value, Bundle) else value
     return None
 
 
@@ -473,7 +509,7 @@ def _activation(
             inplace_at is not None
             and bool(kwargs.get("inplace", args[inplace_at] if len(args) > inplace_at else False))
         )
-        return _rebind(x, out) if inplace else out
+        return write_into(x, out) if inplace else out
 
     return apply
 
@@ -661,7 +697,7 @@ def _dropout(func, args, kwargs):
         ones = x.streams.new_ones(x.streams.shape[1:])
         mask = func(ones, bound["p"], True)  # one mask (with its 1/(1-p)) for every stream
         out = wrap(x.streams * mask)
-    return _rebind(x, out) if bound["inplace"] else out
+    return write_into(x, out) if bound["inplace"] else out
 
 
 for _drop in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
