@@ -293,6 +293,7 @@ class Probe:
     uses: list[Use] = field(default_factory=list)
     layer_outputs: dict[str, Tensor] = field(default_factory=dict)  # re-parameterized layer -> output
     starved: list[str] = field(default_factory=list)  # layers that get one stream after a merge
+    repeated: set[str] = field(default_factory=set)  # layers called more than once
 
     merged: set[int] = field(default_factory=set)  # ids of one-stream values computed after a merge
 
