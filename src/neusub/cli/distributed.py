@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +36,22 @@ def setup_distributed() -> Dist:
     return Dist(dist.get_rank(), world, device)
 
 
+# Two notices of torch's DDP that say nothing to a user of neusub: that find_unused_parameters
+# found nothing to skip (a model without composed branches: the flag is set for those that have
+# them), and that a gradient's strides differ from its bucket's (1×1 weights whose gradients come
+# in another layout; DDP copies them into the bucket all the same).
+DDP_NOTICES = (
+    r"find_unused_parameters=True was specified in DDP constructor, but did not find any unused",
+    r"Grad strides do not match bucket view strides",
+)
+
+
 def wrap(model: nn.Module, env: Dist) -> nn.Module:
     """``model`` in DDP when there are several processes (the module training steps call)."""
     if env.world == 1:
         return model
+    for notice in DDP_NOTICES:
+        warnings.filterwarnings("ignore", message=notice)
     ids = [env.device.index] if env.device.type == "cuda" else None
     # Inner BN shifts of composed branches get no gradient (it is exactly zero before a
     # training-mode BN, so the fast path leaves them out of the graph): let DDP skip them.
