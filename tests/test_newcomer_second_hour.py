@@ -261,6 +261,16 @@ def test_block_drop_names_the_validation_split():
     assert "validation" in title and "test" not in title
 
 
+def test_ddp_looks_for_unused_parameters_only_where_there_are_some():
+    from neusub.cli.distributed import ungraded_parameters
+
+    assert ungraded_parameters(_tiny("repvgg"), (3, 8, 8)) == []  # DDP's find_unused_parameters off
+    composed = _tiny("dbb")  # its 1×1 → BN → k×k branches leave the inner BN shift out of the graph
+    composed(torch.randn(4, 3, 8, 8)).sum().backward()
+    ungraded = [name for name, p in composed.named_parameters() if p.grad is None]
+    assert ungraded and ungraded_parameters(composed, (3, 8, 8)) == ungraded
+
+
 # ---------------------------------------------------------------------- benchmarks
 
 

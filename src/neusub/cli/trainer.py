@@ -170,6 +170,10 @@ class Trainer:
             )
 
         model = build_model(cfg, self.info).to(self.env.device)
+        # Before SyncBatchNorm, whose forward needs a process group and a GPU, not meta tensors.
+        find_unused = self.env.world > 1 and bool(
+            distributed.ungraded_parameters(model, self.info.input_shape)
+        )
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.env.world > 1:
@@ -181,7 +185,7 @@ class Trainer:
         use_cuda_amp = cfg.amp and self.env.device.type == "cuda"
         self.amp_dtype = torch.float16 if use_cuda_amp else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
-        self.net = distributed.wrap(model, self.env)  # what training steps call
+        self.net = distributed.wrap(model, self.env, find_unused)  # what training steps call
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.epoch, self.step, self.global_step = 0, 0, 0
