@@ -173,6 +173,9 @@ def build_parser() -> _Parser:
         "--samples", type=_count("--samples", 1), default=2000, help="validation samples used (default 2000)"
     )
 
+    for command in (ev, exp, ana):  # the commands that compute with torch in this process
+        command.add_argument("--threads", type=_count("--threads", 1), help=THREADS_HELP)
+
     grid = sub.add_parser("experiment", help="run a grid of trainings from a TOML file; tables + CSV")
     grid.add_argument("grid", metavar="GRID.toml")
     grid.add_argument("--out", required=True, help="experiment folder (re-run to resume)")
@@ -203,7 +206,7 @@ def _train_flags(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     from . import commands
 
-    if args.command in ("demo", "train") and args.threads is not None:
+    if args.command != "experiment" and getattr(args, "threads", None) is not None:  # experiment: per run
         import torch
 
         torch.set_num_threads(args.threads)
