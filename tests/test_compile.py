@@ -118,6 +118,27 @@ def test_the_deployed_network_compiles() -> None:
         assert torch.equal(torch.compile(deployed, backend="aot_eager", fullgraph=True)(x), deployed(x))
 
 
+class _InPlaceOnViews(nn.Module):
+    """In-place ops on views of a converted conv's output: with and without a stream rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        y = self.a(x)
+        y[:, :3].clamp_(min=0.1)  # no stream rule: on the sum, written back through the view
+        y[:, 3:].relu_()
+        y += 0.5
+        return self.head(self.b(y).mean((2, 3)))
+
+
+def test_in_place_ops_compile_to_the_eager_step() -> None:
+    model = _quiet_convert(_InPlaceOnViews(), recipe="dbb", layers="all", example_input=(1, 3, 8, 8))
+    _assert_same_steps(model, [torch.randn(4, 3, 8, 8)], backend="aot_eager", fullgraph=True)
+
+
 class _Breaks(nn.Module):
     """A graph break (``torch._dynamo.graph_break``) between two converted convs."""
 
