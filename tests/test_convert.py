@@ -292,6 +292,7 @@ def test_merges_are_reported_where_they_cost_streams():
     report = str(converted.neusub_conversion)
     assert "scale_activation: hardsigmoid" in report  # SE gates are computed from the stream sum
     assert converted.neusub_conversion.starved == []  # and no layer loses its streams to them
+    assert all(not op.startswith("aten") for _, op, _ in converted.neusub_conversion.merges)  # `scale * x`
 
     class Squash(nn.Module):  # a tanh between two re-parameterized convs merges the streams
         def __init__(self):

@@ -386,6 +386,7 @@ def _product(a: Any, b: Any, divide: bool) -> Tensor:
         with torch._C.DisableTorchFunctionSubclass():
             return merge(a) / merge(b) if divide else merge(a) * merge(b)
     rank = max(_rank(a), _rank(b))
+    b = merge(b)  # a one-stream bundle (as a probe marks merged values) is its one stream
     with torch._C.DisableTorchFunctionSubclass():
         inner = _lifted(a, rank)
         return wrap(inner / b if divide else inner * b)
