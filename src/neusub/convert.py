@@ -93,6 +93,11 @@ class Conversion:
         lines += self.notes
         return "\n".join(lines)
 
+    def deploy(self, model: nn.Module) -> nn.Module:
+        """The plain network of ``model`` (the converted model this report belongs to): what
+        :func:`neusub.deploy` returns for it, which thus needs no knowledge of conversions."""
+        return deploy_converted(model)
+
 
 # ---------------------------------------------------------------------- which layers
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .activations import ACTIVATIONS, clamp_gate
+from .activations import ACTIVATIONS, REGISTRATION_LISTENERS, clamp_gate
 from .bundle import GUIDED, Bundle, Rule, count, merge, merged_call, rule, wrap, write_into
 
 # ---------------------------------------------------------------------- helpers
@@ -489,6 +489,7 @@ def register_activation_rules(name: str) -> None:
 
 for _name in ACTIVATIONS:
     register_activation_rules(_name)
+REGISTRATION_LISTENERS.append(register_activation_rules)  # and every activation registered later
 rule(F.leaky_relu)(_activation("leaky_relu", _positional(1, "negative_slope", 0.01), inplace_at=2))
 rule(F.prelu)(_activation("prelu", _positional(1, "weight", None), inplace_at=None))
 
