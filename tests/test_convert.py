@@ -292,6 +292,7 @@ def test_merges_are_reported_where_they_cost_streams():
     report = str(converted.neusub_conversion)
     assert "scale_activation: hardsigmoid" in report  # SE gates are computed from the stream sum
     assert converted.neusub_conversion.starved == []  # and no layer loses its streams to them
+    assert all(not op.startswith("aten") for _, op, _ in converted.neusub_conversion.merges)  # `scale * x`
 
     class Squash(nn.Module):  # a tanh between two re-parameterized convs merges the streams
         def __init__(self):
@@ -365,3 +366,19 @@ def test_bundles_behave_as_their_sum():
         out = op(bundle)
         expected = op(total)
         assert rel_err(out.streams.sum(0) if isinstance(out, Bundle) else out, expected) <= 1e-12
+
+
+def test_a_bundles_autograd_metadata_is_its_streams():
+    """``requires_grad`` / ``grad_fn`` / ``is_leaf`` of a bundle are its streams': tools that hook
+    autograd through module outputs (FlopCounterMode's module tracker) see the real graph."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    streams = torch.randn(3, 2, 4, requires_grad=True) * 2
+    bundle = Bundle(streams)
+    assert bundle.requires_grad and bundle.grad_fn is streams.grad_fn and not bundle.is_leaf
+    model = neusub.create_model("resnet18", recipe="conv2", num_classes=10, stem="cifar", width_mult=0.125)
+    with FlopCounterMode(display=False) as forward:
+        loss = model(torch.randn(2, 3, 8, 8)).sum()
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    assert backward.get_total_flops() > forward.get_total_flops() > 0

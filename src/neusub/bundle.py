@@ -41,8 +41,8 @@ def rule(*funcs: Callable) -> Callable[[Rule], Rule]:
     return register
 
 
-# Tensor properties whose value is computed from the data (the others, shape, dtype, is_leaf,
-# ..., are the bundle's own metadata: those of the stream sum).
+# Tensor properties whose value is computed from the data (the others, shape, dtype, ..., are
+# the bundle's own metadata: those of the stream sum).
 _VALUE_PROPERTIES = {"T", "mT", "H", "mH", "real", "imag", "data"}
 _METADATA_METHODS = {
     Tensor.size,
@@ -94,14 +94,8 @@ class Bundle(Tensor):
     def __new__(cls, streams: Tensor) -> Bundle:
         if isinstance(streams, Bundle):
             raise TypeError("Bundle(streams) takes a plain tensor of streams, not a Bundle")
-        # The wrapper's own autograd metadata: a leaf that requires grad when the streams do (code
-        # asks ``x.requires_grad``). Autograd runs on the streams; the wrapper gets no gradient.
         out = Tensor._make_wrapper_subclass(
-            cls,
-            streams.shape[1:],
-            dtype=streams.dtype,
-            device=streams.device,
-            requires_grad=streams.requires_grad,
+            cls, streams.shape[1:], dtype=streams.dtype, device=streams.device, requires_grad=False
         )
         out.streams = streams
         return out
@@ -173,6 +167,8 @@ def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
     owner = getattr(func, "__self__", None)
     if owner is not None and type(owner).__name__ == "getset_descriptor":  # a property getter
         name = owner.__name__
+        if name in ("requires_grad", "grad_fn", "is_leaf"):  # autograd runs on the streams
+            return getattr(args[0].streams, name)
         if name == "grad":
             return None
         if name not in _VALUE_PROPERTIES:

@@ -112,6 +112,11 @@ class Conversion:
             lines.append(self._cost_line())
         return "\n".join(lines)
 
+    def deploy(self, model: nn.Module) -> nn.Module:
+        """The plain network of ``model`` (the converted model this report belongs to): what
+        :func:`neusub.deploy` returns for it, which thus needs no knowledge of conversions."""
+        return deploy_converted(model)
+
     def _cost_line(self) -> str:
         try:
             cost = self.cost
@@ -490,9 +495,24 @@ class _PlainOutputs:
         output = None
         try:
             output = getattr(type(self.model), self.name)(self.model, *args, **kwargs)
+        except RuntimeError as err:
+            if "setting up backward hooks" in str(err):  # torch's words for a hook it cannot place
+                raise RuntimeError(_backward_hooks_refused(self.model)) from err
+            raise
         finally:
             output = _leave(self.model, output)
         return output
+
+
+def _backward_hooks_refused(model: nn.Module) -> str:
+    hooked = [repr(name) if name else "the model" for name, m in model.named_modules() if m._backward_hooks]
+    return (
+        f"a full backward hook (register_full_backward_hook) on {', '.join(hooked) or 'a module'}: the "
+        "module's output there is a bundle of streams, whose gradient is one per stream, not the "
+        "gradient of one tensor the hook expects, so neusub refuses it; register the hook on the "
+        "deployed network, or on the output tensor (output.register_hook) of a module after the "
+        "streams merge"
+    )
 
 
 def _example(model: nn.Module, given: Tensor | tuple | None) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +33,22 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     ``inplace``; exact before any forward, idempotent, on any device and dtype. A model
     made by :func:`neusub.convert` comes back as its input's class and module layout.
     """
-    if getattr(model, "neusub_conversion", None) is not None:  # made by neusub.convert
-        from .convert import deploy_converted
-
-        return deploy_converted(model)
+    conversion = getattr(model, "neusub_conversion", None)
+    if conversion is not None:  # made by neusub.convert, whose report knows how to undo it
+        return conversion.deploy(model)
     if not inplace:
         model = copy.deepcopy(model)
     with torch.no_grad():
         return to_plain(model).eval()
+
+
+def non_finite(state: Mapping[str, object]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold NaN or inf."""
+    return [
+        name
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def _input_is_bundle(model: nn.Module, x: Tensor) -> bool:

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .deploy import deploy
+from .deploy import deploy, non_finite
 from .files import first_line, read_regular_file, written_atomically
 from .models.resnet import RESNETS
 from .onnx_files import check_bounded, non_finite_tensors
-from .saved import non_finite
 
 __all__ = ["SUPPORTED_TORCHVISION", "OnnxModel", "to_onnx", "to_onnx_int8", "to_torchvision"]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .deploy import deploy, non_finite
 from .files import check_regular_file, first_line, memory_bytes
 
 CHECKPOINT_FORMAT = "neusub-checkpoint-v1"  # a run's last.pt: training structure, optimizer, RNGs
@@ -217,15 +218,6 @@ def load_weights(model: nn.Module, state: object, where: str) -> None:
     raise _does_not_fit(where, parts)
 
 
-def non_finite(state: Mapping[str, object]) -> list[str]:
-    """The names of the floating-point tensors of ``state`` that hold NaN or inf."""
-    return [
-        name
-        for name, t in state.items()
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
-
-
 def refuse_non_finite(state: Mapping[str, object], where: str) -> None:
     """``SavedFileError`` when ``state`` holds NaN or inf: what such a network outputs is meaningless."""
     names = non_finite(state)
@@ -247,8 +239,6 @@ def settings_of(saved: dict, file: str | os.PathLike) -> tuple[dict, DataInfo]:
 
 def _structure(file_format: str, settings: Mapping | object, info: DataInfo) -> nn.Module:
     """The (untrained) network a file of ``file_format`` holds the weights of."""
-    from .deploy import deploy
-
     model = build_model(settings, info)
     if file_format == DEPLOYED_FORMAT:
         return deploy(model)

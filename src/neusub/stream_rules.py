@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .activations import ACTIVATIONS, clamp_gate
+from .activations import ACTIVATIONS, REGISTRATION_LISTENERS, clamp_gate
 from .bundle import GUIDED, Bundle, Rule, count, merge, merged_call, rule, wrap, write_into
 
 # ---------------------------------------------------------------------- helpers
@@ -165,31 +165,57 @@ def _pad(func, args, kwargs):
 
 # ---------------------------------------------------------------------- linear: per stream
 
+# The linear ops whose result may share the input's storage (a view): the bundles on both
+# sides are marked ``aliased``, so that an in-place op on either writes the shared streams.
+_VIEWS = frozenset(
+    {
+        torch.flatten,
+        Tensor.flatten,
+        torch.reshape,
+        Tensor.reshape,
+        Tensor.view,
+        Tensor.view_as,
+        torch.permute,
+        Tensor.permute,
+        torch.transpose,
+        Tensor.transpose,
+        torch.swapaxes,
+        Tensor.swapaxes,
+        torch.t,
+        Tensor.t,
+        torch.squeeze,
+        Tensor.squeeze,
+        torch.unsqueeze,
+        Tensor.unsqueeze,
+        torch.movedim,
+        Tensor.movedim,
+        torch.moveaxis,
+        Tensor.moveaxis,
+        Tensor.expand,
+        Tensor.expand_as,
+        torch.narrow,
+        Tensor.narrow,
+        torch.select,
+        Tensor.select,
+        torch.unflatten,
+        Tensor.unflatten,
+        Tensor.__getitem__,
+        torch.split,
+        Tensor.split,
+        torch.chunk,
+        Tensor.chunk,
+        torch.unbind,
+        Tensor.unbind,
+        torch.tensor_split,
+        Tensor.tensor_split,
+        torch.diagonal,
+        Tensor.diagonal,
+        Tensor.detach,
+        torch.detach,
+    }
+)
 _LINEAR = [
-    torch.flatten,
-    Tensor.flatten,
-    torch.reshape,
-    Tensor.reshape,
-    Tensor.view,
-    Tensor.view_as,
-    torch.permute,
-    Tensor.permute,
-    torch.transpose,
-    Tensor.transpose,
-    torch.swapaxes,
-    Tensor.swapaxes,
-    torch.t,
-    Tensor.t,
-    torch.squeeze,
-    Tensor.squeeze,
-    torch.unsqueeze,
-    Tensor.unsqueeze,
-    torch.movedim,
-    Tensor.movedim,
-    torch.moveaxis,
-    Tensor.moveaxis,
-    Tensor.expand,
-    Tensor.expand_as,
+    *_VIEWS,
     Tensor.repeat,
     torch.tile,
     Tensor.tile,
@@ -197,21 +223,6 @@ _LINEAR = [
     Tensor.flip,
     torch.roll,
     Tensor.roll,
-    torch.narrow,
-    Tensor.narrow,
-    torch.select,
-    Tensor.select,
-    torch.unflatten,
-    Tensor.unflatten,
-    Tensor.__getitem__,
-    torch.split,
-    Tensor.split,
-    torch.chunk,
-    Tensor.chunk,
-    torch.unbind,
-    Tensor.unbind,
-    torch.tensor_split,
-    Tensor.tensor_split,
     torch.mean,
     Tensor.mean,
     torch.sum,
@@ -223,8 +234,6 @@ _LINEAR = [
     Tensor.__neg__,
     torch.clone,
     Tensor.clone,
-    Tensor.detach,
-    torch.detach,
     Tensor.to,
     Tensor.float,
     Tensor.double,
@@ -232,8 +241,6 @@ _LINEAR = [
     Tensor.bfloat16,
     Tensor.type,
     Tensor.type_as,
-    torch.diagonal,
-    Tensor.diagonal,
     torch.trace,
     torch.fft.fft,
     torch.fft.rfft,
@@ -243,55 +250,6 @@ _LINEAR = [
     torch.fft.irfft,
     torch.fft.irfft2,
 ]
-
-
-# The linear ops whose result may share the input's storage (a view): the bundles on both
-# sides are marked ``aliased``, so that an in-place op on either writes the shared streams.
-_VIEWS = {
-    Tensor.view,
-    Tensor.view_as,
-    torch.reshape,
-    Tensor.reshape,
-    torch.flatten,
-    Tensor.flatten,
-    torch.unflatten,
-    Tensor.unflatten,
-    torch.permute,
-    Tensor.permute,
-    torch.transpose,
-    Tensor.transpose,
-    torch.swapaxes,
-    Tensor.swapaxes,
-    torch.t,
-    Tensor.t,
-    torch.squeeze,
-    Tensor.squeeze,
-    torch.unsqueeze,
-    Tensor.unsqueeze,
-    torch.movedim,
-    Tensor.movedim,
-    torch.moveaxis,
-    Tensor.moveaxis,
-    Tensor.expand,
-    Tensor.expand_as,
-    torch.narrow,
-    Tensor.narrow,
-    torch.select,
-    Tensor.select,
-    Tensor.__getitem__,
-    torch.split,
-    Tensor.split,
-    torch.chunk,
-    Tensor.chunk,
-    torch.unbind,
-    Tensor.unbind,
-    torch.tensor_split,
-    Tensor.tensor_split,
-    torch.diagonal,
-    Tensor.diagonal,
-    Tensor.detach,
-    torch.detach,
-}
 
 
 @rule(*_LINEAR)
@@ -428,6 +386,7 @@ def _product(a: Any, b: Any, divide: bool) -> Tensor:
         with torch._C.DisableTorchFunctionSubclass():
             return merge(a) / merge(b) if divide else merge(a) * merge(b)
     rank = max(_rank(a), _rank(b))
+    b = merge(b)  # a one-stream bundle (as a probe marks merged values) is its one stream
     with torch._C.DisableTorchFunctionSubclass():
         inner = _lifted(a, rank)
         return wrap(inner / b if divide else inner * b)
@@ -530,6 +489,7 @@ def register_activation_rules(name: str) -> None:
 
 for _name in ACTIVATIONS:
     register_activation_rules(_name)
+REGISTRATION_LISTENERS.append(register_activation_rules)  # and every activation registered later
 rule(F.leaky_relu)(_activation("leaky_relu", _positional(1, "negative_slope", 0.01), inplace_at=2))
 rule(F.prelu)(_activation("prelu", _positional(1, "weight", None), inplace_at=None))
 

@@ -11,9 +11,10 @@ equal to the registries.
 from __future__ import annotations
 
 import difflib
-import importlib
 import sys
 from collections.abc import Sequence
+
+from ..recipes import list_recipes
 
 MODELS = (
     "linear_adapter",
@@ -57,8 +58,7 @@ def connectivities() -> list[str]:
 
 
 def recipes() -> list[str]:
-    # recipes.py imports no torch: its registry is always the authority
-    return importlib.import_module("neusub.recipes").list_recipes()
+    return list_recipes()  # recipes.py imports no torch: its registry is always the authority
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:

@@ -27,7 +27,7 @@ _MODELS: dict[str, tuple[Builder, str]] = {}
 def register_model(name: str, builder: Builder, default_recipe: str = "nsnet") -> None:
     """Add a model: ``builder(factory, **kwargs) -> nn.Module``; timm builds it as ``neusub_<name>``."""
     _MODELS[name] = (builder, default_recipe)
-    register_with_timm(name)
+    register_with_timm(name, lambda **kwargs: create_model(name, **kwargs))
 
 
 for _name in RESNETS:
