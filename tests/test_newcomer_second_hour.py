@@ -20,20 +20,29 @@ from torch import nn
 import neusub
 from neusub.cli import main
 
-TINY = (  # a tiny digits run: its flags
-    "--dataset digits --model resnet18 --width-mult 0.0625 --recipe dbb --train-samples 128 "
-    "--val-samples 64 --batch-size 32 --epochs 2"
-).split()
+TINY = {  # a tiny digits run
+    "dataset": "digits",
+    "model": "resnet18",
+    "width_mult": 0.0625,
+    "recipe": "dbb",
+    "train_samples": 128,
+    "val_samples": 64,
+    "batch_size": 32,
+    "epochs": 2,
+}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, str]:
-    """A finished tiny run and what ``neusub train`` said on stderr."""
+def run(tmp_path_factory) -> tuple[Path, str, list[dict]]:
+    """A finished tiny run of ``neusub.cli.train`` (what ``neusub train`` runs): its folder,
+    what it said on stderr, and the records its ``on_epoch`` callback got."""
+    from neusub.cli import train
+
     out = tmp_path_factory.mktemp("second_hour") / "run"
-    said = io.StringIO()
+    said, seen = io.StringIO(), []
     with contextlib.redirect_stderr(said):
-        assert main(["train", *TINY, "--out", str(out)]) == 0
-    return out, said.getvalue()
+        train({**TINY, "out": str(out)}, on_epoch=seen.append)
+    return out, said.getvalue(), seen
 
 
 # ---------------------------------------------------------------------- errors before torch
@@ -101,25 +110,19 @@ def test_python_train_names_an_unknown_setting(tmp_path: Path):
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
 
 
-def test_python_train_reports_progress(tmp_path: Path, capsys):
-    from neusub.cli import train
+def test_python_train_reports_progress(run):
     from neusub.cli.runfolder import epoch_records
 
-    options = {"dataset": "digits", "width_mult": 0.0625, "recipe": "repvgg", "train_samples": 64}
-    options |= {"val_samples": 32, "batch_size": 32, "epochs": 1, "out": str(tmp_path / "run")}
-    seen: list[dict] = []
-    train(options, on_epoch=seen.append)
-    assert seen == epoch_records(tmp_path / "run")  # the callback gets what metrics.jsonl records
-    err = capsys.readouterr().err
-    assert err.startswith("neusub: training resnet18 (repvgg, ns, stochastic 1) on digits, 2 steps: ")
-    assert "epoch   1  train loss" in err
+    out, said, seen = run
+    assert seen == epoch_records(out)  # the callback gets what metrics.jsonl records
+    assert "epoch   1  train loss" in said and "epoch   2  train loss" in said  # as the command prints
 
 
 # ---------------------------------------------------------------------- the cost, said first
 
 
 def test_train_says_its_cost_first(run):
-    _, said = run
+    _, said, _ = run
     first = said.splitlines()[0]
     assert first.startswith("neusub: training resnet18 (dbb, ns, stochastic 1) on digits, 8 steps: "), said
     assert "deployed); a training step ≈ " in first and "× the plain network's FLOPs at batch 32" in first
@@ -171,7 +174,7 @@ def test_a_merge_in_cpp_code_is_said_in_words():
 
 
 def test_onnx_export_gets_its_suffix_and_reads_back(run, tmp_path: Path, capsys):
-    out, _ = run
+    out, _, _ = run
     stem = tmp_path / "digits_q"
     export = ["export", str(out), "--format", "onnx", "--int8", "--calibration-samples", "32"]
     assert main([*export, "--out", str(stem)]) == 0
@@ -185,7 +188,7 @@ def test_onnx_export_gets_its_suffix_and_reads_back(run, tmp_path: Path, capsys)
 
 
 def test_eval_names_its_own_torchscript_file(run, tmp_path: Path, capsys):
-    out, _ = run
+    out, _, _ = run
     scripted = tmp_path / "last.ts.pt"
     assert main(["export", str(out), "--format", "torchscript", "--out", str(scripted)]) == 0
     capsys.readouterr()
@@ -194,7 +197,7 @@ def test_eval_names_its_own_torchscript_file(run, tmp_path: Path, capsys):
 
 
 def test_resume_blames_files_that_disagree_not_a_flag(run, tmp_path: Path, capsys):
-    out, _ = run
+    out, _, _ = run
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     shutil.copy(out / "last.pt", mixed / "last.pt")  # a dbb run's checkpoint
