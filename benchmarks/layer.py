@@ -62,8 +62,8 @@ from neusub.partition import mixing_matrix, random_partition
 from neusub.reference import literal_forward
 
 VARIANTS = ("fast", "literal", "plain")
-RESULTS = harness.RESULTS_DIR / "layer.json"  # the recorded results (tracked): written only when asked
-DEFAULT_OUT = Path("runs/benchmarks/layer.json")  # a run's results, beside neusub's runs (not tracked)
+RESULTS = harness.RESULTS_DIR / "layer.json"
+DEFAULT_OUT = harness.RUNS_DIR / "layer.json"
 
 
 # --------------------------------------------------------------------------- setups
