@@ -149,7 +149,7 @@ def test_conversion_report_counts_streams_and_branches():
     assert cost.params_plain == sum(p.numel() for p in model.parameters())
     assert cost.params_training == sum(p.numel() for p in converted.parameters())
     assert neusub.training_cost(converted, (3, 8, 8)) == cost  # the public function counts the same
-    report = str(pickle.loads(pickle.dumps(converted)).neusub_conversion)  # a pickled model keeps it
+    report = str(pickle.loads(pickle.dumps(converted)).neusub_conversion)  # pickled: the counted cost kept
     assert "training cost (counted from the recipes and stream counts): 1.6k parameters (808 deployed)" in (
         report
     )

@@ -29,6 +29,7 @@ import copy
 import fnmatch
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,9 +80,9 @@ class Conversion:
     starved: list[str] = field(default_factory=list)  # layers that get one stream after a merge
     notes: list[str] = field(default_factory=list)
     example_shape: tuple[int, ...] = ()  # the probe's input, batch first
-    # The converted model without its weights (meta tensors), for the training cost: the report
-    # describes a structure, and keeps no reference to the model that trains.
-    structure: nn.Module | None = field(default=None, repr=False, compare=False)
+    # The converted model, weakly: a report neither keeps its model alive nor pickles it. Its
+    # training cost is counted from it on first use (a copy's report counts from the copy).
+    _model: weakref.ref | None = field(default=None, init=False, repr=False, compare=False)
     _cost: TrainingCost | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -89,10 +90,27 @@ class Conversion:
         """:func:`neusub.training_cost` of the converted model at the probe's input shape (counted
         on first use: three forwards on meta tensors, seconds on a large model)."""
         if self._cost is None:
-            if self.structure is None:
-                raise ValueError("this conversion keeps no structure to estimate the training cost of")
-            self._cost = training_cost(self.structure, self.example_shape[1:])
+            model = self._model() if self._model is not None else None
+            if model is None:
+                raise ValueError("the converted model is not at hand (a pickled copy's report)")
+            self._cost = training_cost(model, self.example_shape[1:])
         return self._cost
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_model": None}  # a weak reference does not pickle (a counted cost does)
+
+    def __deepcopy__(self, memo: dict) -> Conversion:
+        """A copy whose model is the copy of this one's, when a deep copy of the model made it."""
+        copied = copy.copy(self)
+        memo[id(self)] = copied
+        for name, value in vars(self).items():
+            if name != "_model":
+                setattr(copied, name, copy.deepcopy(value, memo))
+        model = self._model() if self._model is not None else None
+        copied._model = (
+            weakref.ref(memo[id(model)]) if model is not None and id(model) in memo else self._model
+        )
+        return copied
 
     def __str__(self) -> str:
         lines = [f"{len(self.layers)} re-parameterized layers ({self.connectivity} connectivity):"]
@@ -108,7 +126,7 @@ class Conversion:
         if self.starved:
             lines.append(f"after a merge, one stream reaches: {', '.join(self.starved)}")
         lines += self.notes
-        if self.structure is not None:
+        if self._model is not None or self._cost is not None:
             lines.append(self._cost_line())
         return "\n".join(lines)
 
@@ -363,7 +381,6 @@ def convert(
         if _needs_new_bias(layer)
     ]
     _attach(converted, conversion)
-    conversion.structure = weightless_copy(converted)  # a few % of the conversion's time
     if starved and on_merge == "warn":
         where = "; ".join(f"{path} ({op})" for path, op, _ in probe.merges[:4])
         layers_named = ", ".join(starved[:3]) + (", ..." if len(starved) > 3 else "")
@@ -454,6 +471,7 @@ def _attach(converted: nn.Module, conversion: Conversion) -> None:
     class's method, not a forward hook: torch.compile then traces the merge into the forward's
     own graph, and no bundle has to cross into a separate one."""
     converted.neusub_conversion = conversion
+    conversion._model = weakref.ref(converted)
     for name in _ENTRY_POINTS:
         if callable(getattr(type(converted), name, None)):
             setattr(converted, name, _PlainOutputs(converted, name))
