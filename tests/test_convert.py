@@ -315,8 +315,9 @@ def test_refusals_name_the_problem_and_the_way_out():
     even = nn.Sequential(nn.Conv2d(3, 4, 4, padding=1))
     with pytest.raises(ValueError, match=r"layers= selects 0 .*kernel_size=\(4, 4\) is even.*leave it out"):
         neusub.convert(even, layers=["0"], example_input=(1, 3, 8, 8))
-    skipped = neusub.convert(even, example_input=(1, 3, 8, 8)).neusub_conversion.skipped  # default: skipped
-    assert skipped[0][0] == "0" and "is even" in skipped[0][1]
+    # the default policy skips it, naming why, and refuses a conversion that selects nothing
+    with pytest.raises(ValueError, match=r"selects no layer of Sequential .*0: .*is even"):
+        neusub.convert(even, example_input=(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"unknown layers='convs'"):
         neusub.convert(model, layers="convs")
     with pytest.raises(ValueError, match=r"unknown connectivity 'dense'"):

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from . import fusion, stream_rules  # noqa: F401  (stream_rules registers the stream rules)
 from .bundle import GUIDED, Bundle, Probe, merge_all, probing
+from .fx import leave_traced
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .streams import check_probability
@@ -53,7 +54,7 @@ class ConvertedLayer:
     """One re-parameterized layer and what deploying it needs."""
 
     path: str
-    recipe: str
+    recipe: str | Recipe  # a Recipe when it has options (they build the layer at install)
     in_streams: int
     original: nn.Module  # the input model's conv / linear (weightless copy: class and settings)
     norm_path: str | None = None  # the BatchNorm absorbed into the layer
@@ -329,7 +330,7 @@ def _leave(model: nn.Module, output: Any) -> Any:
     if depth > 0:
         return output
     GUIDED.set(True)
-    return merge_all(output)
+    return leave_traced(model, merge_all(output))  # leave_traced: torch.fx graphs merge too
 
 
 class _PlainOutputs:
@@ -523,7 +524,9 @@ def _is_batchnorm_act(module: nn.Module) -> bool:
 
 def _analyse(model: nn.Module, probed: _Probed, path: str, recipe) -> ConvertedLayer:
     original = model.get_submodule(path)
-    layer = ConvertedLayer(path, as_recipe(recipe).name, probed.in_streams[path], weightless_copy(original))
+    recipe = as_recipe(recipe)
+    recipe = recipe if recipe.options else recipe.name
+    layer = ConvertedLayer(path, recipe, probed.in_streams[path], weightless_copy(original))
     output = probed.probe.layer_outputs[path]
     readers = probed.probe.readers(output)
     channels = _geometry(original).out_channels
