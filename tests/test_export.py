@@ -235,7 +235,8 @@ def test_timm_create_and_reparameterize_model():
 
 def test_timm_contract_of_registered_models():
     model = timm.create_model("neusub_resnet18", recipe="dbb", num_classes=10, width_mult=0.125, stem="cifar")
-    assert model.pretrained_cfg["architecture"] == "resnet18" and model.default_cfg == model.pretrained_cfg
+    assert model.pretrained_cfg["architecture"] == "neusub_resnet18"
+    assert model.default_cfg == model.pretrained_cfg
     assert timm.data.resolve_data_config(model=model)["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
     assert (model.num_classes, model.num_features) == (10, 64)
     x = torch.randn(2, 3, 32, 32)

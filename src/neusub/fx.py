@@ -71,7 +71,7 @@ def trace_bundles(tracer: torch.fx.Tracer) -> None:
         return  # a converted submodule: its exit hook merges in the graph (leave_traced)
     _check_guided(root)
     codegen = tracer.graph._codegen
-    if not isinstance(codegen, PlainOutputs):
+    if not isinstance(codegen, PlainOutputs):  # the class, not the object: it keeps its state
         codegen.__class__ = _plain_codegen_class(type(codegen))
 
 
