@@ -250,7 +250,7 @@ def component_steps(setup: Setup, b: int) -> dict:
         z = layer.bn(F.conv2d(flat, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups))
     mixing = mixing_matrix(random_partition(s, n), s, n)
     z_shape = (s, b, geom.groups, n, geom.out_channels // geom.groups, z.shape[-2] * z.shape[-1])
-    g_mean, g_cov = torch.randn_like(moments.mean), torch.randn_like(moments.cov)
+    g_mean, g_cov = torch.randn_like(moments.mean), torch.randn_like(moments.cov())
     w_leaf, b_leaf = weight.clone().requires_grad_(), bias.clone().requires_grad_()
     mean_leaf, rows_leaf = moments.mean.clone().requires_grad_(), moments.rows.clone().requires_grad_()
     g_w, g_b = torch.randn_like(weight), torch.randn_like(bias)
@@ -260,7 +260,7 @@ def component_steps(setup: Setup, b: int) -> dict:
 
     def moments_step() -> None:
         m = input_moments(flat)
-        torch.autograd.backward([m.mean, m.cov], [g_mean, g_cov])
+        torch.autograd.backward([m.mean, m.cov()], [g_mean, g_cov])
 
     def kernel_step() -> None:
         layer.zero_grad(set_to_none=True)

@@ -13,7 +13,12 @@ RSS is that model's own. Reported per configuration:
   judged against; the forward + backward ratio is recorded too;
 - deployed inference: ``neusub.deploy(resnet18 nsnet ns)`` against torchvision's
   ResNet-18 with the same CIFAR stem (3×3/1 conv1, no max-pool), eval, no grad,
-  timed side by side in one process, alternating, many iterations.
+  timed side by side in one process, alternating, many iterations;
+- compiled rows (``*_compiled``: ``torch.compile(model)``, inductor, default settings): step time
+  and peak RSS against the eager twin, the first step's time (the compilation) and the number
+  of graphs Dynamo made;
+- graph breaks (``graph_breaks``): ``torch._dynamo.explain`` of a training forward of every
+  model family, neusub's own and converted torchvision / timm ones: graphs, breaks, first reason.
 
 Usage::
 
@@ -51,6 +56,7 @@ from pathlib import Path
 import harness
 
 INFERENCE = "r18_deploy_inference"
+GRAPHS = "graph_breaks"
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class Config:
     source: str = "neusub"  # neusub | timm | convert | previous (see the module docstring)
     layers: str | None = None  # create_model's / convert's layers= policy
     twin: str | None = None  # the same configuration from the previous revision (time compared)
+    compiled: bool = False  # torch.compile(model), default settings (inductor)
+    eager: str | None = None  # a compiled configuration's eager twin (time and memory compared)
 
 
 _PREVIOUS = [  # (name, model, recipe, connectivity, stochastic, batch, baseline)
@@ -90,6 +98,15 @@ CONFIGS: dict[str, Config] = {
         Config("r18_conv2_ns", "resnet18", "conv2", "ns", **R18),
         Config("r18_conv3_ns", "resnet18", "conv3", "ns", **R18),
         Config("r18_dbb_block", "resnet18", "dbb", "block", **R18),
+        *(
+            Config(f"{name}_compiled", "resnet18", recipe, conn, st, compiled=True, eager=name, **base)
+            for name, recipe, conn, st, base in (
+                ("r18_plain", "plain", "block", 0.0, {"steps": 6}),
+                ("r18_dbb_block", "dbb", "block", 0.0, R18),
+                ("r18_conv2_ns", "conv2", "ns", 0.0, R18),
+                ("r18_nsnet_ns", "nsnet", "ns", 1.0, R18),
+            )
+        ),
         Config("r50_plain", "resnet50", "plain", "block", batch=16, steps=5),
         Config("r50_nsnet_ns", "resnet50", "nsnet", "ns", 1.0, **R50),
         Config("r50_nsnet_ns_recompute", "resnet50", "nsnet", "ns", 1.0, recompute=True, **R50),
@@ -113,7 +130,7 @@ CONFIGS: dict[str, Config] = {
 for _name, *_ in _PREVIOUS:  # each current configuration is compared with its previous twin
     CONFIGS[_name] = dataclasses.replace(CONFIGS[_name], twin=f"prev_{_name}")
 NUM_CLASSES, IMAGE = 100, 32
-ALL_NAMES = [*CONFIGS, INFERENCE]
+ALL_NAMES = [*CONFIGS, INFERENCE, GRAPHS]
 
 
 # =========================================================================== worker side
@@ -249,6 +266,8 @@ def run_train_worker(cfg: Config, steps: int, warmup: int, threads: int, budget:
     load_start = harness.load_average()
     model = _build(cfg).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if cfg.compiled:
+        model = torch.compile(model)
     x = torch.randn(cfg.batch, 3, IMAGE, IMAGE)
     y = torch.randint(0, NUM_CLASSES, (cfg.batch,))
     losses: list[float] = []
@@ -260,9 +279,14 @@ def run_train_worker(cfg: Config, steps: int, warmup: int, threads: int, budget:
         opt.step()
         losses.append(float(loss.detach()))
 
+    compile_s = None
     with harness.peak_memory() as memory:
-        fwd, bwd = _counted_step(model, opt, x, y)  # the first warm-up step
-        for _ in range(warmup - 1):
+        if cfg.compiled:  # the first step compiles; FLOPs are the eager twin's
+            compile_s, _ = harness.timed(step)
+            fwd, bwd = {}, {}
+        else:
+            fwd, bwd = _counted_step(model, opt, x, y)  # the first warm-up step
+        for _ in range(warmup - 1 + cfg.compiled):  # compiled: one more, for a recompilation
             step()
         if profile:
             from torch.profiler import ProfilerActivity
@@ -291,9 +315,61 @@ def run_train_worker(cfg: Config, steps: int, warmup: int, threads: int, budget:
         "fwd_conv_flops": _conv_flops(fwd),
         "train_conv_flops": _conv_flops(fwd) + _conv_flops(bwd),
         "final_loss": losses[-1],
+        "compile_s": compile_s,
+        "graphs": _graph_count() if cfg.compiled else None,
         "loadavg_start": load_start,
         "loadavg_end": harness.load_average(),
     }
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+# model families whose training forward ``graph_breaks`` traces: (name, builder, input size)
+def _graph_models():
+    import timm
+    import torchvision
+
+    import neusub
+
+    def converted(model):
+        return neusub.convert(model, recipe="nsnet", example_input=(1, 3, IMAGE, IMAGE), on_merge="ignore")
+
+    def created(name, **kwargs):
+        return neusub.create_model(name, num_classes=NUM_CLASSES, **kwargs)
+
+    return [
+        ("neusub resnet18 (timm's, converted)", lambda: created("resnet18", stem="cifar")),
+        ("neusub resnet50", lambda: created("resnet50", stem="cifar")),
+        ("neusub mobileone_s0", lambda: created("mobileone_s0")),
+        ("neusub mobilenet_v1", lambda: created("mobilenet_v1")),
+        ("torchvision resnet18, converted", lambda: converted(torchvision.models.resnet18())),
+        ("torchvision mobilenet_v2, converted", lambda: converted(torchvision.models.mobilenet_v2())),
+        ("timm efficientnet_b0, converted", lambda: converted(timm.create_model("efficientnet_b0"))),
+        ("timm convnext_atto, converted", lambda: converted(timm.create_model("convnext_atto"))),
+    ]
+
+
+def run_graphs_worker(threads: int) -> dict:
+    """``torch._dynamo.explain`` of one training forward of each model family."""
+    torch = _setup(threads)
+    rows = []
+    for name, build in _graph_models():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(build().train())(torch.randn(2, 3, IMAGE, IMAGE))
+        reasons = [r.reason.splitlines()[0][:120] for r in explained.break_reasons]
+        rows.append(
+            {
+                "model": name,
+                "graphs": explained.graph_count,
+                "breaks": explained.graph_break_count,
+                "first_reason": reasons[0] if reasons else None,
+            }
+        )
+    return {"kind": "graphs", "rows": rows}
 
 
 def _torchvision_resnet18():
@@ -374,6 +450,8 @@ def worker_main(args: argparse.Namespace) -> None:
     name = args.worker
     if name == INFERENCE:
         result = run_inference_worker(args.iters, args.threads)
+    elif name == GRAPHS:
+        result = run_graphs_worker(args.threads)
     else:
         cfg = CONFIGS[name]
         steps = args.steps or cfg.steps
@@ -391,7 +469,7 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
     flags += [f"--budget={args.budget}", f"--iters={args.iters}"]
     if args.steps:
         flags.append(f"--steps={args.steps}")
-    if args.profile and name != INFERENCE and CONFIGS[name].baseline is not None:
+    if args.profile and name in CONFIGS and CONFIGS[name].baseline is not None:
         flags.append(f"--profile={args.profile}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if name in CONFIGS and CONFIGS[name].source == "previous":
@@ -441,18 +519,67 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             "rss_ratio": None,
             "vs_previous": None,
         }
+        eager = results.get(cfg.eager) if cfg.eager else None
+        flops = eager if eager is not None else r  # a compiled step runs the eager step's convs
         if base is not None:
             row["time_ratio"] = r["median_s"] / _base_value(base, "median_s")
             row["cpu_time_ratio"] = r["median_cpu_s"] / _base_value(base, "median_cpu_s")
-            row["conv_flops_ratio"] = r["fwd_conv_flops"] / base["fwd_conv_flops"]
-            row["train_conv_flops_ratio"] = r["train_conv_flops"] / base["train_conv_flops"]
+            row["conv_flops_ratio"] = flops["fwd_conv_flops"] / base["fwd_conv_flops"]
+            row["train_conv_flops_ratio"] = flops["train_conv_flops"] / base["train_conv_flops"]
             row["rss_ratio"] = r["memory"]["peak_mib"] / base["memory"]["peak_mib"]
+        if eager is not None:
+            row["eager"] = cfg.eager
+            row["eager_median_s"] = _base_value(eager, "median_s")
+            row["vs_eager"] = r["median_s"] / row["eager_median_s"]
+            row["eager_peak_rss_gb"] = eager["memory"]["peak_mib"] * 2**20 / 1e9
+            row["compile_s"], row["graphs"] = r["compile_s"], r["graphs"]
         twin = results.get(cfg.twin) if cfg.twin else None
         twin_base = results.get(CONFIGS[cfg.twin].baseline) if twin is not None else None
         if twin is not None and base is not None:  # the time ratio over the previous path's ratio
             row["vs_previous"] = row["time_ratio"] / (twin["median_s"] / _base_value(twin_base, "median_s"))
         rows.append(row)
     return rows
+
+
+def _compiled_lines(rows: list[dict]) -> list[str]:
+    compiled = [r for r in rows if "vs_eager" in r]
+    if not compiled:
+        return []
+    columns = ["config", "eager step (s)", "compiled step (s)", "compiled × eager", "first step (s)"]
+    columns += ["graphs", "peak RSS eager → compiled (GB)"]
+    cells = [
+        [
+            r["name"],
+            f"{r['eager_median_s']:.2f}",
+            f"{r['median_s']:.2f}",
+            f"{r['vs_eager']:.2f}×",
+            f"{r['compile_s']:.0f}",
+            str(r["graphs"]),
+            f"{r['eager_peak_rss_gb']:.2f} → {r['peak_rss_gb']:.2f}",
+        ]
+        for r in compiled
+    ]
+    return [
+        "",
+        "torch.compile (inductor, default settings) against the eager twin, each in its own process: "
+        "the first step compiles (its time is the compilation and one step); graphs: how many Dynamo "
+        "made (1: a full graph). A compiled process's peak RSS includes the compiler's own memory.",
+        "",
+        *harness.markdown_table(columns, "lrrrrrr", cells),
+    ]
+
+
+def _graph_lines(graphs: dict) -> list[str]:
+    cells = [
+        [g["model"], str(g["graphs"]), str(g["breaks"]), g["first_reason"] or "—"] for g in graphs["rows"]
+    ]
+    return [
+        "",
+        "Graph breaks of one training forward (`torch._dynamo.explain`, batch 2, "
+        f"3×{IMAGE}×{IMAGE}; converted models: recipe nsnet, ns, stochastic):",
+        "",
+        *harness.markdown_table(["model", "graphs", "graph breaks", "first reason"], "lrrl", cells),
+    ]
 
 
 def _train_cells(r: dict) -> list[str]:
@@ -520,7 +647,7 @@ def _inference_lines(inference: dict) -> list[str]:
     ]
 
 
-def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
+def markdown(rows: list[dict], inference: dict | None, graphs: dict | None, meta: dict) -> str:
     columns = ["config", "model", "recipe", "connectivity", "batch", "steps", "median step (s)"]
     columns += ["time × plain", "× previous path", "CPU time × plain", "conv FLOPs × plain (fwd; fwd+bwd)"]
     columns += ["peak RSS (GB)", "RSS × plain"]
@@ -531,9 +658,12 @@ def markdown(rows: list[dict], inference: dict | None, meta: dict) -> str:
         f"{meta.get('neusub_src_sha1')} (commit {meta.get('git_commit', '?')}"
         f"{', uncommitted changes' if meta.get('src_dirty') else ''}). "
         f"Load average (1/5/15 min) before {meta['loadavg_before']}, after {meta['loadavg_after']}.",
-        "",
-        *harness.markdown_table(columns, "llll" + "r" * 9, [_train_cells(r) for r in rows]),
     ]
+    train_rows = [_train_cells(r) for r in rows]
+    out += ["", *harness.markdown_table(columns, "llll" + "r" * 9, train_rows)] if train_rows else []
+    out += _compiled_lines(rows)
+    if graphs is not None:
+        out += _graph_lines(graphs)
     if inference is not None:
         out += _inference_lines(inference)
     versions = meta.get("worker_src_sha1", {})
@@ -572,8 +702,9 @@ def schedule(args: argparse.Namespace) -> list[str]:
     ``bracket``, each baseline again after its last dependent: ratios use the mean of both)."""
     names = list(ALL_NAMES) if not args.only else []
     for name in args.only or []:
-        base = CONFIGS[name].baseline if name in CONFIGS else None
-        names += [n for n in (base, name) if n is not None and n not in names]
+        cfg = CONFIGS.get(name)
+        before = (cfg.baseline, cfg.eager) if cfg is not None else ()
+        names += [n for n in (*before, name) if n is not None and n not in names]
     if not args.previous:  # no earlier revision named: no twins
         names = [n for n in names if not (n in CONFIGS and CONFIGS[n].source == "previous")]
     order = list(names)
@@ -616,7 +747,7 @@ def parent_main(args: argparse.Namespace) -> None:
     }
     meta["wall_s"] = time.perf_counter() - t0
     rows = summarize(results)
-    text = markdown(rows, results.get(INFERENCE), meta)
+    text = markdown(rows, results.get(INFERENCE), results.get(GRAPHS), meta)
     print(text)
     stem = "train_step" + "".join(f"_{name}" for name in args.only or [])
     out = Path(args.out) if args.out else harness.RESULTS_DIR / stem

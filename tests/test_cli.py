@@ -203,7 +203,9 @@ def test_existing_run_is_never_overwritten(capsys, finished_run: Path):
     before = tree_digest(finished_run)
     _fails(capsys, ["train", *TINY, "--epochs", "1", "--out", str(finished_run)], "--resume")
     _fails(capsys, ["deploy", str(finished_run), str(finished_run / "deployed.pt")], "already exists")
-    _fails(capsys, ["train", "--resume", "--out", str(finished_run), "--recipe", "dbb", "--quiet"], "recipe")
+    _fails(
+        capsys, ["train", "--resume", "--out", str(finished_run), "--recipe", "dbb", "--quiet"], "finished"
+    )
     assert tree_digest(finished_run) == before
 
 

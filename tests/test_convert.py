@@ -292,6 +292,7 @@ def test_merges_are_reported_where_they_cost_streams():
     report = str(converted.neusub_conversion)
     assert "scale_activation: hardsigmoid" in report  # SE gates are computed from the stream sum
     assert converted.neusub_conversion.starved == []  # and no layer loses its streams to them
+    assert all(not op.startswith("aten") for _, op, _ in converted.neusub_conversion.merges)  # `scale * x`
 
     class Squash(nn.Module):  # a tanh between two re-parameterized convs merges the streams
         def __init__(self):
@@ -315,9 +316,12 @@ def test_refusals_name_the_problem_and_the_way_out():
     even = nn.Sequential(nn.Conv2d(3, 4, 4, padding=1))
     with pytest.raises(ValueError, match=r"layers= selects 0 .*kernel_size=\(4, 4\) is even.*leave it out"):
         neusub.convert(even, layers=["0"], example_input=(1, 3, 8, 8))
-    # the default policy skips it, naming why, and refuses a conversion that selects nothing
-    with pytest.raises(ValueError, match=r"selects no layer of Sequential .*0: .*is even"):
+    # default: skipped, with the reason; here nothing is left to re-parameterize, which is an error
+    with pytest.raises(ValueError, match=r"selects no layer of Sequential.*kernel_size=\(4, 4\) is even"):
         neusub.convert(even, example_input=(1, 3, 8, 8))
+    two = nn.Sequential(nn.Conv2d(3, 4, 4, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    skipped = neusub.convert(two, example_input=(1, 3, 8, 8)).neusub_conversion.skipped
+    assert skipped[0][0] == "0" and "is even" in skipped[0][1]
     with pytest.raises(ValueError, match=r"unknown layers='convs'"):
         neusub.convert(model, layers="convs")
     with pytest.raises(ValueError, match=r"unknown connectivity 'dense'"):
@@ -362,3 +366,19 @@ def test_bundles_behave_as_their_sum():
         out = op(bundle)
         expected = op(total)
         assert rel_err(out.streams.sum(0) if isinstance(out, Bundle) else out, expected) <= 1e-12
+
+
+def test_a_bundles_autograd_metadata_is_its_streams():
+    """``requires_grad`` / ``grad_fn`` / ``is_leaf`` of a bundle are its streams': tools that hook
+    autograd through module outputs (FlopCounterMode's module tracker) see the real graph."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    streams = torch.randn(3, 2, 4, requires_grad=True) * 2
+    bundle = Bundle(streams)
+    assert bundle.requires_grad and bundle.grad_fn is streams.grad_fn and not bundle.is_leaf
+    model = neusub.create_model("resnet18", recipe="conv2", num_classes=10, stem="cifar", width_mult=0.125)
+    with FlopCounterMode(display=False) as forward:
+        loss = model(torch.randn(2, 3, 8, 8)).sum()
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    assert backward.get_total_flops() > forward.get_total_flops() > 0

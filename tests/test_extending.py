@@ -1,4 +1,4 @@
-"""The README's "How to extend" examples run as written: each code block of that section is
+"""The "How to extend" examples (docs/extending.md) run as written: each code block of that section is
 executed (in a fresh namespace) and its own asserts must hold. Registrations are global, so
 each block runs once per session and its names are removed afterwards."""
 
@@ -11,11 +11,11 @@ import pytest
 
 from neusub import activations, branches, models, recipes
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+EXTENDING = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 
 def _blocks() -> list[str]:
-    text = README.read_text()
+    text = EXTENDING.read_text()
     section = text.split("## How to extend", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
@@ -48,7 +48,7 @@ def clean_registries():
 
 @pytest.mark.parametrize("index", range(4))
 def test_example_runs(index, clean_registries):
-    exec(compile(_blocks()[index], f"README.md How to extend #{index + 1}", "exec"), {})
+    exec(compile(_blocks()[index], f"docs/extending.md How to extend #{index + 1}", "exec"), {})
 
 
 def test_registering_a_name_twice_is_an_error(clean_registries):

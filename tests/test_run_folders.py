@@ -47,6 +47,14 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     return target
 
 
+@pytest.fixture(scope="module")
+def unfinished(run: Path, tmp_path_factory) -> Path:
+    """The run as it was before it deployed: its last checkpoint, no results yet."""
+    target = tmp_path_factory.mktemp("unfinished") / "run"
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("deployed.pt", "curves.png"))
+    return target
+
+
 # ---------------------------------------------------------------------- refused commands
 
 
@@ -59,10 +67,29 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
         (["train", "--resume", "--recipe", "dbb"], ["recipe='dbb'", "cannot change"]),
     ],
 )
-def test_refused_train_leaves_the_run_byte_identical(run: Path, capsys, args, matches):
-    before = tree_digest(run)
-    fails(capsys, [*args, "--out", run], *matches)
-    assert tree_digest(run) == before
+def test_refused_train_leaves_the_run_byte_identical(unfinished: Path, capsys, args, matches):
+    before = tree_digest(unfinished)
+    fails(capsys, [*args, "--out", unfinished], *matches)
+    assert tree_digest(unfinished) == before
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [(), ("last.pt",), ("last.pt", "curves.png"), ("config.json",), ("deployed.pt", "+summary.json")],
+)
+def test_a_finished_run_is_never_trained_again(run: Path, tmp_path: Path, capsys, missing):
+    """Whatever was deleted from a finished run (``last.pt`` to save space), ``--resume``
+    neither retrains it nor touches a file (``metrics.jsonl`` keeps its lines)."""
+    folder = copy_run(run, tmp_path)
+    for name in missing:
+        if name.startswith("+"):  # what `neusub demo` adds
+            (folder / name[1:]).write_text("{}")
+        else:
+            (folder / name).unlink()
+    before = tree_digest(folder)
+    for args in (["train", "--resume"], ["train", *TINY, "--epochs", "1"]):
+        fails(capsys, [*args, "--out", folder], "already holds a run, finished", f"neusub eval {folder}")
+    assert tree_digest(folder) == before
 
 
 def test_refused_outputs_leave_the_run_byte_identical(run: Path, capsys):
@@ -213,6 +240,33 @@ def test_eval_on_data_of_another_shape(run: Path, tmp_path: Path, capsys):
     fails(
         capsys, ["eval", run, "--dataset", "imagefolder", "--data", images], "takes inputs of shape (1, 8, 8)"
     )
+
+
+def test_unknown_rand_augment_is_one_line(tmp_path: Path, capsys):
+    images = _write_images(tmp_path / "images")
+    args = ["--dataset", "imagefolder", "--data", images, "--img-size", "12", "--batch-size", "4"]
+    fails(
+        capsys,
+        ["train", *TINY, *args, "--rand-augment", "bogus", "--epochs", "1", "--out", tmp_path / "run"],
+        "--rand-augment='bogus' is not an augmentation timm knows",
+        "rand-m9-mstd0.5",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_refuses_a_run_folder_holding_another_runs_checkpoint(run: Path, tmp_path: Path, capsys):
+    folder = copy_run(run, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dataset": "fashion-mnist"}))
+    before = tree_digest(folder)
+    for command in (["eval"], ["export", "--format", "torchscript"]):
+        fails(
+            capsys,
+            [command[0], folder, *command[1:]],
+            "last.pt belongs to another run than",
+            "dataset='digits' in last.pt, 'fashion-mnist' in config.json",
+        )
+    assert tree_digest(folder) == before
 
 
 def _empty_split(folder: Path) -> None:
@@ -370,6 +424,61 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path: Path, capsys, monkeypatch
     assert not list(out.glob(".*.tmp"))
 
 
+def test_disk_full_messages_name_the_file(tmp_path: Path, capsys, monkeypatch):
+    import neusub.cli.trainer
+
+    def full_open(file, mode="r", *args, **kwargs):  # appending to metrics.jsonl meets a full disk
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            return open("/dev/full", "w")
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(neusub.cli.trainer, "open", full_open, raising=False)
+    out = tmp_path / "run"
+    fails(
+        capsys,
+        ["train", *TINY, "--epochs", "1", "--out", out],
+        "the disk is full",
+        str(out / "metrics.jsonl"),
+    )
+
+
+def _diverge_at(monkeypatch, step: int) -> None:
+    """The loss of training step ``step`` becomes NaN (as a too high learning rate would make it)."""
+    from neusub.cli.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, x, y):
+        if self.global_step != step:
+            return original(self, x, y)
+        loss_fn = self.loss_fn
+        self.loss_fn = lambda logits, target: loss_fn(logits, target) * float("nan")
+        try:
+            return original(self, x, y)
+        finally:
+            self.loss_fn = loss_fn
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_a_diverged_run_resumes_from_its_last_checkpoint_at_a_lower_lr(tmp_path: Path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _diverge_at(patch, 5)
+        args = ["train", *TINY, "--epochs", "2", "--ckpt-steps", "2", "--out", out]
+        err = fails(capsys, args, "the loss became nan at step 5", "the checkpoint of step 4 is kept")
+    assert f"`neusub train --resume --out {out} --lr 0.0003`" in err
+    first_epoch = (out / "metrics.jsonl").read_text()
+    assert first_epoch.count("\n") == 1
+    assert main(["train", "--resume", "--out", str(out), "--lr", "0.0003"]) == 0
+    assert "lr 0.003 -> 0.0003" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.0003
+    assert (out / "metrics.jsonl").read_text().startswith(first_epoch)
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2 and (out / "deployed.pt").is_file()
+    scheduler = torch.load(out / "last.pt", weights_only=True)["scheduler"]
+    assert set(scheduler["base_values"]) == {0.0003}  # the schedule that ran after the resume
+
+
 def test_diverging_run_stops_with_a_message_and_valid_json(tmp_path: Path, capsys):
     out = tmp_path / "run"
     err = fails(capsys, ["train", *TINY, "--epochs", "1", "--lr", "1e30", "--ckpt-steps", "1", "--out", out])
@@ -383,6 +492,87 @@ def test_diverging_run_stops_with_a_message_and_valid_json(tmp_path: Path, capsy
         "a": None,
         "b": [None, 1.0],
     }
+
+
+class _SignalOnWrite:
+    """A file object that sends ``signum`` to this process on its third write, then goes on
+    writing: the signal's handler runs inside torch's C++ zip writer, as a Ctrl-C can."""
+
+    def __init__(self, handle, signum: int):
+        self.handle, self.signum, self.writes = handle, signum, 0
+
+    def write(self, data) -> int:
+        self.writes += 1
+        if self.writes == 3:
+            os.kill(os.getpid(), self.signum)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _signal_while_saving(monkeypatch, step: int, signum: int) -> None:
+    """The checkpoint of ``step`` is written through :class:`_SignalOnWrite`."""
+    real_save = torch.save
+
+    def save(obj, handle, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("global_step") == step:
+            handle = _SignalOnWrite(handle, signum)
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_signal_while_a_checkpoint_is_written(run: Path, tmp_path: Path, capsys, monkeypatch):
+    """Ctrl-C during the save of step 2, SIGTERM during that of step 4: each stops the run with its
+    one line once the checkpoint is complete, and the resumed run ends as if never stopped."""
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--epochs", "1", "--ckpt-steps", "2", "--out", out]
+    for step, signum, code in ((2, signal.SIGINT, 130), (4, signal.SIGTERM, 143)):
+        with monkeypatch.context() as patch:
+            _signal_while_saving(patch, step, signum)
+            fails(
+                capsys, args, f"stopped at step {step}", f"the checkpoint of step {step} is kept", code=code
+            )
+        assert torch.load(out / "last.pt", weights_only=True)["global_step"] == step  # complete
+        assert not list(out.glob(".*.tmp"))
+        args = ["train", "--resume", "--out", out, "--quiet"]
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    for key, value in torch.load(run / "last.pt", weights_only=True)["model"].items():  # as if never stopped
+        assert torch.equal(torch.load(out / "last.pt", weights_only=True)["model"][key], value), key
+
+
+def test_two_deploys_to_one_path_one_is_refused(run: Path, tmp_path: Path, capsys, monkeypatch):
+    """The second deploy writes its file while the first is deploying: the first must not replace it."""
+    import neusub.cli.commands
+    import neusub.cli.trainer
+
+    target, real_deploy, raced = tmp_path / "deployed.pt", neusub.deploy, []
+
+    def deploy(model):
+        if not raced:
+            raced.append(True)
+            assert main(["deploy", str(run), str(target)]) == 0  # the other process, just ahead
+        return real_deploy(model)
+
+    for module in (neusub.cli.commands, neusub.cli.trainer):  # where deploy runs before the file is written
+        monkeypatch.setattr(module, "deploy", deploy)
+    fails(capsys, ["deploy", run, target], "already exists (another process wrote it meanwhile)")
+    assert neusub.load(target) is not None and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_int8_export_leaves_no_file(run: Path, tmp_path: Path, capsys, monkeypatch):
+    quantization = pytest.importorskip("onnxruntime.quantization")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the quantizer failed")
+
+    monkeypatch.setattr(quantization, "quantize_static", failing)
+    out = tmp_path / "model.onnx"
+    args = ["export", run, "--format", "onnx", "--int8", "--calibration-samples", "64", "--out", out]
+    fails(capsys, args, "cannot be quantized (the quantizer failed)")
+    assert not list(tmp_path.iterdir())
 
 
 def test_check_equivalence_refuses_non_finite_values():
@@ -490,3 +680,35 @@ def _state(pid: int) -> str:
         )
     except OSError:
         return "zombie"
+
+
+def test_experiment_results_do_not_depend_on_jobs(tmp_path: Path, capsys, monkeypatch):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        '[base]\nmodel = "resnet18"\nwidth_mult = 0.0625\nstem = "cifar"\ndataset = "digits"\nepochs = 1\n'
+        'batch_size = 64\ntrain_samples = 128\nval_samples = 64\nopt = "adamw"\nwarmup_epochs = 0\n'
+        'recipe = "repvgg"\n[[grid]]\nseed = [0]\n'
+    )
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # the same on every machine: 4 cores shared by the jobs
+    for jobs in (1, 2):
+        assert (
+            main(["experiment", str(grid), "--out", str(tmp_path / f"jobs{jobs}"), "--jobs", str(jobs)]) == 0
+        )
+    capsys.readouterr()
+    run1, run2 = (tmp_path / f"jobs{jobs}" / "runs" / "seed=0" for jobs in (1, 2))
+    result1, result2 = (json.loads((r / "result.json").read_text()) for r in (run1, run2))
+    for result in (result1, result2):
+        del result["train_seconds"], result["out"]
+    assert result1 == result2
+    deployed1, deployed2 = (
+        torch.load(r / "deployed.pt", weights_only=True)["state_dict"] for r in (run1, run2)
+    )
+    assert all(torch.equal(deployed1[k], deployed2[k]) for k in deployed1)
+
+    # killed after it deployed, before result.json: evaluated again, not trained again
+    (run1 / "result.json").unlink()
+    before = tree_digest(run1)
+    assert main(["experiment", str(grid), "--out", str(tmp_path / "jobs1")]) == 0
+    assert tree_digest(run1) == {**before, "result.json": tree_digest(run1)["result.json"]}
+    again = json.loads((run1 / "result.json").read_text())
+    assert again["val_acc_deployed"] == result1["val_acc_deployed"] and again["equivalence_error"] < 1e-4

@@ -83,4 +83,4 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-timm_registry.watch()
+timm_registry.watch(f"{__name__}.models")

@@ -21,6 +21,11 @@ from torch import Tensor, nn
 
 Gate = Callable[[Tensor, Tensor, Any], Tensor]
 
+# Called with the name of each activation registered from now on. The modules above this one
+# that derive something per activation (the stream rules of converted networks) add themselves
+# here, so the registry never imports them.
+REGISTRATION_LISTENERS: list[Callable[[str], None]] = []
+
 
 @dataclass(frozen=True)
 class Activation:
@@ -103,6 +108,5 @@ def register_activation(
     if name in ACTIVATIONS:
         raise ValueError(f"activation {name!r} is already registered")
     ACTIVATIONS[name] = Activation(gate, deployed, tuple(functions), timm)
-    from .stream_rules import register_activation_rules  # the rules module imports this one
-
-    register_activation_rules(name)
+    for listener in REGISTRATION_LISTENERS:
+        listener(name)

@@ -18,6 +18,12 @@ from . import fusion
 BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
+def is_batchnorm_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d: a BatchNorm2d followed by its own ``drop`` and ``act`` modules
+    (told by name: timm is optional for the layers)."""
+    return type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
+
+
 def uses_batch_stats(bn: BatchNorm) -> bool:
     """``nn.BatchNorm``'s own rule: batch statistics in training mode, or when it keeps none."""
     return bn.training or bn.running_mean is None
@@ -38,10 +44,12 @@ def running_affine(bn: BatchNorm) -> tuple[Tensor, Tensor]:
     return fusion.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
-def rate_of_batch(bn: BatchNorm, number: int) -> float:
-    """The rate at which batch ``number`` (1, 2, …) enters the running statistics: ``momentum``,
-    or ``1 / number`` (a cumulative average) when ``momentum`` is None."""
-    return bn.momentum if bn.momentum is not None else 1.0 / float(number)
+def rate_of_batch(bn: BatchNorm, ahead: int = 0) -> float:
+    """The rate at which batch ``num_batches_tracked + ahead`` enters the running statistics:
+    ``momentum``, or ``1 / number`` (a cumulative average) when ``momentum`` is None."""
+    if bn.momentum is not None:  # the counter is not read: torch.compile keeps one graph
+        return bn.momentum
+    return 1.0 / (float(bn.num_batches_tracked) + ahead)
 
 
 @torch.no_grad()
@@ -52,7 +60,7 @@ def count_batch(bn: BatchNorm) -> float | None:
     if not updates_running_stats(bn):
         return None
     bn.num_batches_tracked.add_(1)
-    return rate_of_batch(bn, int(bn.num_batches_tracked))
+    return rate_of_batch(bn)
 
 
 @torch.no_grad()
@@ -80,7 +88,7 @@ def leave_constant_out(bn: BatchNorm, constant: Tensor) -> bool:
     backward reads the buffers it was given, and an in-place change after it would fail there."""
     if not updates_running_stats(bn):
         return uses_batch_stats(bn)  # batch statistics and nothing recorded: it cannot matter
-    rate = rate_of_batch(bn, int(bn.num_batches_tracked) + 1)
+    rate = rate_of_batch(bn, ahead=1)
     if rate >= 1.0:
         return False
     bn.running_mean.add_(constant.detach().to(bn.running_mean.dtype), alpha=rate / (1.0 - rate))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -37,11 +36,14 @@ class Moments:
     mean: Tensor  # (C,)
     rows: Tensor  # (G, C/G, count)
     count: int
+    _cov: Tensor | None = None  # computed once, by the first branch that needs it
 
-    @cached_property
     def cov(self) -> Tensor:
         """``(G, C/G, C/G)``, biased, from centred inputs."""
-        return _Covariance.apply(self.rows)
+        # a plain attribute, not functools.cached_property: its lock stops torch.compile
+        if self._cov is None:
+            self._cov = _Covariance.apply(self.rows)
+        return self._cov
 
     def projected_variance(self, weight: Tensor) -> Tensor:
         """``diag(W Σ Wᵀ)`` for ``weight`` ``(G, M/G, C/G)``: the variance of each output of a
@@ -50,10 +52,10 @@ class Moments:
         costs ``n·M·C/G`` and keeps ``n·(M + C)/G``. The rows win on both only when there are
         fewer of them than channels (an MLP's small batch); a conv's ``B·H·W`` rows go through Σ."""
         channels = weight.shape[-1]
-        if self.count < channels and "cov" not in self.__dict__:
+        if self.count < channels and self._cov is None:
             centred = weight @ (self.rows - self.rows.mean(2, keepdim=True))  # (G, M/G, n)
             return centred.square().mean(2).flatten()
-        return ((weight @ self.cov) * weight).sum(-1).flatten()
+        return ((weight @ self.cov()) * weight).sum(-1).flatten()
 
 
 class _Covariance(torch.autograd.Function):
@@ -173,7 +175,7 @@ class SequentialBranch(BranchModule):
         bn = self.bn1
         if not uses_batch_stats(bn):
             return running_affine(bn)
-        groups = moments.rows.shape[0]  # not .cov: that would compute the covariance
+        groups = moments.rows.shape[0]  # not .cov(): that would compute the covariance
         w1 = self.conv1.reshape(groups, -1, self.conv1.shape[1])  # (G, M/G, C_in/G)
         mean = (w1 @ moments.mean.reshape(groups, -1, 1)).flatten()
         var = moments.projected_variance(w1)  # diag(W₁ Σ W₁ᵀ), group by group

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,26 +41,9 @@ def rule(*funcs: Callable) -> Callable[[Rule], Rule]:
     return register
 
 
-# Tensor properties answered by the bundle's own metadata (those of the stream sum).
-_METADATA = {
-    "shape",
-    "ndim",
-    "dtype",
-    "device",
-    "layout",
-    "is_cuda",
-    "is_meta",
-    "is_sparse",
-    "is_quantized",
-    "is_mkldnn",
-    "is_nested",
-    "is_cpu",
-    "is_xpu",
-    "is_mps",
-    "names",
-    "itemsize",
-    "nbytes",
-}
+# Tensor properties whose value is computed from the data (the others, shape, dtype, ..., are
+# the bundle's own metadata: those of the stream sum).
+_VALUE_PROPERTIES = {"T", "mT", "H", "mH", "real", "imag", "data"}
 _METADATA_METHODS = {
     Tensor.size,
     Tensor.dim,
@@ -74,7 +59,23 @@ _METADATA_METHODS = {
     Tensor.stride,
     Tensor.storage_offset,
     Tensor.is_signed,
+    # what torch.compile's AOTAutograd asks of a graph's outputs (of the wrapper, not the data)
+    Tensor.untyped_storage,
+    Tensor.data_ptr,
+    Tensor._is_view,
+    Tensor.is_inference,
+    Tensor.is_conj,
+    Tensor.is_neg,
 }
+
+
+COMPILE_BREAK = (
+    "neusub: torch.compile split a converted model into several graphs while streams were live (a "
+    "graph break between a re-parameterized layer and the point where its streams merge), and streams "
+    "cannot cross from one compiled graph into the next exactly; remove the graph break "
+    "(torch._dynamo.explain(model)(x) lists them, fullgraph=True stops at the first) or run the model "
+    "uncompiled"
+)
 
 
 class Bundle(Tensor):
@@ -85,6 +86,9 @@ class Bundle(Tensor):
     """
 
     streams: Tensor
+    # Whether another bundle views these streams (set by the view rules): in-place ops then write
+    # the streams in place, so that the other sees the change (see ``write_into``).
+    aliased: bool = False
 
     @staticmethod
     def __new__(cls, streams: Tensor) -> Bundle:
@@ -95,6 +99,18 @@ class Bundle(Tensor):
         )
         out.streams = streams
         return out
+
+    # torch.compile: a traceable wrapper subclass, so that Dynamo puts bundles and their stream
+    # rules into one graph, where AOTAutograd sees only the streams. A bundle is rebuilt from its
+    # streams only where it crosses from one compiled graph into another (a graph break while
+    # streams are live): AOTAutograd then keeps autograd on the wrapper, not on the streams, and
+    # the gradient would stop there. That is refused (see COMPILE_BREAK).
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["streams"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta: None, outer_size: Any, outer_stride: Any) -> Bundle:
+        raise RuntimeError(COMPILE_BREAK)
 
     @property
     def num_streams(self) -> int:
@@ -146,22 +162,90 @@ def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
     owner = getattr(func, "__self__", None)
     if owner is not None and type(owner).__name__ == "getset_descriptor":  # a property getter
         name = owner.__name__
-        if name in _METADATA:
-            return _plain_call(func, args, kwargs)
-        if name in ("requires_grad", "is_leaf", "grad_fn"):
+        if name in ("requires_grad", "grad_fn", "is_leaf"):  # autograd runs on the streams
             return getattr(args[0].streams, name)
         if name == "grad":
             return None
+        if name not in _VALUE_PROPERTIES:
+            return _plain_call(func, args, kwargs)
     if func in _METADATA_METHODS:
         return _plain_call(func, args, kwargs)
+    if func in _REFUSED:
+        raise TypeError(f"neusub: {_REFUSED[func]} is not supported on a multi-stream tensor (a Bundle)")
+    out = kwargs.get("out")
+    if out is not None:  # ``out=``: whatever computes the value, it is written into ``out``
+        value = dispatch(func, args, {k: v for k, v in kwargs.items() if k != "out"})
+        return tree_map(write_into, out, value) if isinstance(out, (tuple, list)) else write_into(out, value)
     found = RULES.get(func)
-    result = (
-        found(func, args, kwargs) if found is not None else merged_call(func, args, kwargs, "no stream rule")
-    )
+    if found is not None:
+        result = found(func, args, kwargs)
+    elif _mutates_first(func, args, kwargs):  # in place, no rule: on the sum, written back
+        result = write_into(args[0], merged_call(func, args, kwargs, "in place, without a stream rule"))
+    else:
+        result = merged_call(func, args, kwargs, "no stream rule")
     probe = _PROBE.get()
     if probe is not None:
         probe.note(func, args, kwargs, result)
     return result
+
+
+# Methods that change a tensor's storage or size: refused on a bundle (its streams have their own).
+_REFUSED = {
+    Tensor.set_: "Tensor.set_",
+    Tensor.resize_: "Tensor.resize_",
+    Tensor.resize_as_: "Tensor.resize_as_",
+}
+# In-place by name but not a write of values: they reach the wrapper (see ``dispatch``).
+_NOT_WRITES = {"requires_grad_", "share_memory_", "retain_grad"}
+
+
+def _mutates_first(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` writes its first argument, a bundle, in place: ``Tensor.clamp_``,
+    ``x += y`` (``__iadd__``), ``torch.relu_``, ``F.elu(x, inplace=True)``, ..."""
+    if not args or not isinstance(args[0], Bundle):
+        return False
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):
+        return True
+    if name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES:
+        return True
+    position = _inplace_position(func)
+    given = args[position] if position is not None and len(args) > position else False
+    return bool(kwargs.get("inplace", given))
+
+
+@functools.cache
+def _inplace_position(func: Callable) -> int | None:
+    """The positional index of a function's ``inplace`` parameter (None: it has none)."""
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def write_into(target: Any, value: Any) -> Any:
+    """An in-place op's result ``value`` written into ``target``, which keeps its identity (as
+    PyTorch's in-place ops do). A value of another stream count enters a bundle as its sum split
+    evenly over the target's streams (exact: only the sum is promised); a plain target takes the
+    sum.
+
+    A bundle takes the new streams as they are: the old ones stay intact for autograd (a guided
+    gate keeps its input for backward, where PyTorch's own in-place activations keep their output).
+    Only a bundle that shares its streams with another (``aliased``: ``x[:, :2]``, ``x.view(...)``)
+    has them written in place, so that the other sees the change, as a view would."""
+    if not isinstance(target, Bundle):
+        with torch._C.DisableTorchFunctionSubclass():
+            return target.copy_(merge(value))
+    streams = value.streams if isinstance(value, Bundle) else None
+    if streams is None or streams.shape[0] != target.num_streams:
+        streams = (merge(value) / target.num_streams).expand_as(target.streams).contiguous()
+    if target.aliased:
+        with torch._C.DisableTorchFunctionSubclass():
+            target.streams.copy_(streams)
+    else:
+        target.streams = streams
+    return target
 
 
 def merged_call(func: Callable, args: tuple, kwargs: dict, why: str) -> Any:
@@ -205,6 +289,7 @@ class Probe:
     uses: list[Use] = field(default_factory=list)
     layer_outputs: dict[str, Tensor] = field(default_factory=dict)  # re-parameterized layer -> output
     starved: list[str] = field(default_factory=list)  # layers that get one stream after a merge
+    repeated: set[str] = field(default_factory=set)  # layers called more than once
 
     merged: set[int] = field(default_factory=set)  # ids of one-stream values computed after a merge
 

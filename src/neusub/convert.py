@@ -36,8 +36,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import fusion, stream_rules  # noqa: F401  (stream_rules registers the stream rules)
+from .batchnorm import is_batchnorm_act
 from .bundle import GUIDED, Bundle, Probe, merge_all, probing
 from .fx import leave_traced
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear
@@ -91,6 +95,11 @@ class Conversion:
         lines += self.notes
         return "\n".join(lines)
 
+    def deploy(self, model: nn.Module) -> nn.Module:
+        """The plain network of ``model`` (the converted model this report belongs to): what
+        :func:`neusub.deploy` returns for it, which thus needs no knowledge of conversions."""
+        return deploy_converted(model)
+
 
 # ---------------------------------------------------------------------- which layers
 
@@ -118,8 +127,11 @@ def _plain_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _why_not(module: nn.Module, recipe: str | Recipe) -> str | None:
+def _why_not(module: nn.Module, recipe: str | Recipe, shared_with: str | None = None) -> str | None:
     """Why ``recipe`` cannot replace ``module`` (None when it can)."""
+    kept = _kept_as_it_is(module, shared_with)
+    if kept is not None:
+        return kept
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (recipes fuse zero padding only)"
@@ -130,6 +142,69 @@ def _why_not(module: nn.Module, recipe: str | Recipe) -> str | None:
     except ValueError as err:
         return str(err)
     return None
+
+
+_LEGACY_NORMS = (WeightNorm, SpectralNorm)
+
+
+def _kept_as_it_is(module: nn.Module, shared_with: str | None) -> str | None:
+    """Why the user's own settings of ``module`` (a parametrization, frozen or tied weights) rule
+    out replacing it: a re-parameterized layer would silently drop them."""
+    if parametrize.is_parametrized(module):
+        kinds = ", ".join(
+            f"{name}: {type(p).__name__}" for name, chain in module.parametrizations.items() for p in chain
+        )
+        return (
+            f"its parameters are parametrized ({kinds}), which a re-parameterized layer would drop; "
+            "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) to convert it"
+        )
+    legacy = [type(h).__name__ for h in module._forward_pre_hooks.values() if isinstance(h, _LEGACY_NORMS)]
+    if legacy:
+        return (
+            f"its weight is recomputed by torch.nn.utils {' and '.join(legacy)} before every forward, "
+            "which a re-parameterized layer would drop; remove it (torch.nn.utils.remove_weight_norm / "
+            "remove_spectral_norm) to convert it"
+        )
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    if frozen:
+        return (
+            f"it is frozen ({', '.join(frozen)}: requires_grad=False), and a re-parameterized layer would "
+            "add trainable branches; unfreeze it to convert it"
+        )
+    if shared_with is not None:
+        return f"its weight is shared with {shared_with} (tied); a re-parameterized layer would untie them"
+    return None
+
+
+def _hooks_of(module: nn.Module) -> list[str]:
+    """The user's forward / backward hooks on ``module``, by name."""
+    hooks = [
+        *module._forward_pre_hooks.values(),
+        *module._forward_hooks.values(),
+        *module._backward_pre_hooks.values(),
+        *module._backward_hooks.values(),
+    ]
+    return [getattr(h, "__qualname__", type(h).__name__) for h in hooks if not isinstance(h, _LEGACY_NORMS)]
+
+
+def _refuse_hooks(path: str, module: nn.Module) -> None:
+    hooks = _hooks_of(module)
+    if hooks:
+        raise ValueError(
+            f"convert: {path} has hook(s) {', '.join(hooks)}, which would not run once a re-parameterized "
+            "layer replaces it; remove them (handle.remove()) and register them on "
+            f"model.get_submodule({path!r}) after convert, or leave {path} out of layers="
+        )
+
+
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): [paths of the modules that hold it]}`` for parameters held by several."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(path)
+    return {key: paths for key, paths in owners.items() if len(paths) > 1}
 
 
 def select_layers(model: nn.Module, layers: LayerSpec, recipe: str | Recipe) -> tuple[dict, list]:
@@ -152,19 +227,23 @@ def select_layers(model: nn.Module, layers: LayerSpec, recipe: str | Recipe) -> 
     chosen: dict[str, str | Recipe] = {}
     skipped: list[tuple[str, str]] = []
     candidates = [(path, m) for path, m in model.named_modules() if _plain_kind(m)]
-    explicit = not (layers is None or isinstance(layers, str))
+    explicit = _explicit(layers)
     first_conv = next((path for path, m in candidates if _plain_kind(m) == "conv"), None)
+    shared = _shared_parameters(model)
     for path, module in candidates:
         kind = _plain_kind(module)
         pick = _pick(layers, path, module, kind, recipe, first_conv)
         if pick is None:
             continue
-        problem = _why_not(module, pick)
+        tied = next((shared[id(p)] for p in module.parameters(recurse=False) if id(p) in shared), None)
+        problem = _why_not(module, pick, next((o for o in tied if o != path), None) if tied else None)
         if problem is None:
+            _refuse_hooks(path, module)
             chosen[path] = pick
         elif explicit:
             raise ValueError(
-                f"convert: layers= selects {path} ({module}), but {problem}; leave it out of layers="
+                f"convert: layers= selects {path} ({type(module).__name__}), but {problem}; "
+                "leave it out of layers="
             )
         else:
             skipped.append((path, problem))
@@ -229,7 +308,11 @@ def convert(
     if not chosen:
         raise ValueError(_nothing_selected(model, layers, skipped))
     settings = dict(connectivity=connectivity, stochastic=stochastic, neural_drop=neural_drop)
-    probed = _probe(model, chosen, settings, _example(model, example_input), guided)
+    example = _example(model, example_input)
+    probed = _probe(model, chosen, settings, example, guided)
+    if probed.probe.repeated:  # shared modules keep one static stream count and BN per call: left out
+        _leave_out_repeated(model, layers, chosen, skipped, probed.probe.repeated)
+        probed = _probe(model, chosen, settings, example, guided)
     probe = probed.probe
     layers_done = [_analyse(model, probed, path, chosen[path]) for path in probe.layer_outputs]  # call order
     starved = probe.starved if connectivity == "ns" else []
@@ -240,9 +323,11 @@ def convert(
             f"convert: streams merge at {path} ({op}: {why}); exclude the layers before it with layers=, "
             "replace the op by one with a stream rule, or pass on_merge='warn' to let them merge (exact)"
         )
-    converted = model if inplace else copy.deepcopy(model)
-    for layer in layers_done:
-        _install(converted, layer, settings, init)
+    converted = model if inplace else module_copy(model)
+    # every new module first, then the swap: a failure leaves the user's model as it was
+    replacements = [r for layer in layers_done for r in _replacements(converted, layer, settings, init)]
+    for path, module in replacements:
+        _set_submodule(converted, path, module)
     conversion.notes += [
         f"deploy adds a bias to {layer.path}: no BatchNorm reads it alone"
         for layer in layers_done
@@ -260,6 +345,30 @@ def convert(
             stacklevel=2,
         )
     return converted
+
+
+def _leave_out_repeated(
+    model: nn.Module, layers: LayerSpec, chosen: dict, skipped: list, repeated: set[str]
+) -> None:
+    """Move the layers that one forward calls more than once from ``chosen`` to ``skipped``
+    (``ValueError`` where ``layers`` names them explicitly)."""
+    why = (
+        "called more than once in one forward (a shared module); a re-parameterized layer keeps one "
+        "static stream count and one set of BatchNorm statistics per call"
+    )
+    names = ", ".join(sorted(repeated))
+    if _explicit(layers):
+        raise ValueError(f"convert: layers= selects {names}, but each is {why}; leave it out of layers=")
+    for path in sorted(repeated):
+        del chosen[path]
+        skipped.append((path, why))
+    if not chosen:
+        raise ValueError(_nothing_selected(model, layers, skipped))
+
+
+def _explicit(layers: LayerSpec) -> bool:
+    """Whether ``layers`` names modules (patterns, a dict, a callable) rather than a policy."""
+    return not (layers is None or isinstance(layers, str))
 
 
 def _nothing_selected(model: nn.Module, layers: LayerSpec, skipped: list[tuple[str, str]]) -> str:
@@ -298,19 +407,29 @@ def _check_arguments(
             raise ValueError(f"convert: {name}={value!r} is invalid; use one of {', '.join(allowed)}")
     if getattr(model, "neusub_conversion", None) is not None:
         raise ValueError("convert: the model is already converted; deploy it first (neusub.deploy)")
+    modules = model.named_modules()
+    scripted = next((path for path, m in modules if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        where = "the model" if scripted == "" else scripted
+        raise ValueError(
+            f"convert: {where} is a TorchScript module (torch.jit.script / trace), which cannot run on "
+            "multi-stream tensors; convert the nn.Module it was made from, and script the deployed network"
+        )
 
 
 def _attach(converted: nn.Module, conversion: Conversion) -> None:
-    """Give ``converted`` its record and hooks: bundles inside, plain tensors at every entry point."""
+    """Give ``converted`` its record and its entry points: bundles inside, plain tensors out.
+
+    Each entry point (``forward`` and timm's others) is an instance attribute that calls the
+    class's method, not a forward hook: torch.compile then traces the merge into the forward's
+    own graph, and no bundle has to cross into a separate one."""
     converted.neusub_conversion = conversion
-    converted.register_forward_pre_hook(_enter_forward)
-    converted.register_forward_hook(_leave_forward, always_call=True)
-    for name in _ENTRY_POINTS:  # timm's other entry points return plain tensors too
+    for name in _ENTRY_POINTS:
         if callable(getattr(type(converted), name, None)):
             setattr(converted, name, _PlainOutputs(converted, name))
 
 
-_ENTRY_POINTS = ("forward_features", "forward_head", "forward_intermediates")
+_ENTRY_POINTS = ("forward", "forward_features", "forward_head", "forward_intermediates")
 # How many entry points of a converted model are running (its forward, forward_features, ...):
 # only the outermost returns plain tensors. Inside, ``forward`` calling ``self.forward_head``
 # passes bundles on, as the probe saw them (a merge there would change the stream counts).
@@ -319,8 +438,8 @@ _DEPTH = "_neusub_depth"
 
 def _enter(model: nn.Module) -> None:
     depth = model.__dict__.get(_DEPTH, 0)
-    if depth == 0:
-        GUIDED.set(model.neusub_conversion.guided)
+    if depth == 0 and not model.neusub_conversion.guided:  # the ablation (torch.compile: a graph break)
+        GUIDED.set(False)
     model.__dict__[_DEPTH] = depth + 1
 
 
@@ -329,7 +448,8 @@ def _leave(model: nn.Module, output: Any) -> Any:
     model.__dict__[_DEPTH] = depth
     if depth > 0:
         return output
-    GUIDED.set(True)
+    if not model.neusub_conversion.guided:
+        GUIDED.set(True)
     return leave_traced(model, merge_all(output))  # leave_traced: torch.fx graphs merge too
 
 
@@ -348,15 +468,6 @@ class _PlainOutputs:
         finally:
             output = _leave(self.model, output)
         return output
-
-
-def _enter_forward(module: nn.Module, args: tuple) -> None:
-    _enter(module)
-
-
-def _leave_forward(module: nn.Module, args: tuple, output: Any) -> Any:
-    """The converted model returns plain tensors: bundles in its output become their sums."""
-    return _leave(module, output)
 
 
 def _example(model: nn.Module, given: Tensor | tuple | None) -> Tensor:
@@ -384,12 +495,30 @@ def _example(model: nn.Module, given: Tensor | tuple | None) -> Tensor:
 def weightless_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` on the meta device, made without copying any weight."""
     memo: dict[int, Any] = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in [*model.parameters(), *model.buffers(), *_computed_attributes(model)]:
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = (
             nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
         )
     return copy.deepcopy(model, memo)
+
+
+def module_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also where a module keeps a computed tensor as an attribute
+    (legacy ``torch.nn.utils.weight_norm``: its ``weight``, which ``deepcopy`` refuses); the copy
+    gets it detached, and recomputes it before its next forward, as the original does."""
+    memo = {id(t): t.detach().clone() for t in _computed_attributes(model)}
+    return copy.deepcopy(model, memo)
+
+
+def _computed_attributes(model: nn.Module) -> list[Tensor]:
+    """Tensors kept as plain module attributes that autograd computed (not leaves)."""
+    return [
+        value
+        for module in model.modules()
+        for value in vars(module).values()
+        if isinstance(value, Tensor) and not value.is_leaf
+    ]
 
 
 def _new_layer(original: nn.Module, recipe, settings: dict, in_streams: int) -> nn.Module:
@@ -455,6 +584,9 @@ class _Probed:
 def _probe(model: nn.Module, chosen: dict, settings: dict, example: Tensor, guided: bool) -> _Probed:
     """One eval-mode forward of a weightless copy with the chosen layers replaced."""
     shadow = weightless_copy(model).eval()
+    for module in shadow.modules():  # the user's hooks observe real forwards, not the probe's
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._forward_hooks_with_kwargs):
+            hooks.clear()
     for path, recipe in chosen.items():
         original = shadow.get_submodule(path)
         with torch.device("meta"):
@@ -513,13 +645,17 @@ _PASS_THROUGH = {
 
 
 def _absorbable(module: nn.Module, channels: int) -> bool:
-    plain = type(module) in _NORMS or _is_batchnorm_act(module)
-    return plain and module.num_features == channels and module.affine and module.track_running_stats
-
-
-def _is_batchnorm_act(module: nn.Module) -> bool:
-    """timm's BatchNormAct2d: a BatchNorm2d followed by its own ``drop`` and ``act`` modules."""
-    return type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
+    """Whether the layer can take the BatchNorm ``module`` into its branches: a plain, affine BN
+    with running statistics, trainable, without hooks of the user's (those stay where they are)."""
+    plain = type(module) in _NORMS or is_batchnorm_act(module)
+    return (
+        plain
+        and module.num_features == channels
+        and module.affine
+        and module.track_running_stats
+        and all(p.requires_grad for p in module.parameters())
+        and not _hooks_of(module)
+    )
 
 
 def _analyse(model: nn.Module, probed: _Probed, path: str, recipe) -> ConvertedLayer:
@@ -532,8 +668,9 @@ def _analyse(model: nn.Module, probed: _Probed, path: str, recipe) -> ConvertedL
     channels = _geometry(original).out_channels
     if len(readers) == 1 and readers[0].func is F.batch_norm:
         found = probed.norm_of(readers[0])
-        if found is not None and _absorbable(found[1], channels) and readers[0].where == found[0]:
-            layer.norm_path, layer.norm = found[0], weightless_copy(model.get_submodule(found[0]))
+        norm = model.get_submodule(found[0]) if found is not None else None
+        if norm is not None and _absorbable(norm, channels) and readers[0].where == found[0]:
+            layer.norm_path, layer.norm = found[0], weightless_copy(norm)
             return layer
     if getattr(original, "bias", None) is None:
         layer.bias_sinks = _bias_sinks(probed, output, 0) or []
@@ -551,6 +688,8 @@ def _bias_sinks(probed: _Probed, value: Tensor, offset: int) -> list[tuple[str, 
         if use.func is F.batch_norm:
             found = probed.norm_of(use)
             if found is None or not isinstance(found[1], nn.modules.batchnorm._BatchNorm):
+                return None
+            if found[1].running_mean is None:  # batch statistics only: nothing to take the bias
                 return None
             sinks.append((found[0], offset))
         elif use.func in (torch.cat, torch.concat) and _cat_dim(use) == 1:
@@ -585,7 +724,8 @@ def _needs_new_bias(layer: ConvertedLayer) -> bool:
 # ---------------------------------------------------------------------- build
 
 
-def _install(model: nn.Module, spec: ConvertedLayer, settings: dict, init: str) -> None:
+def _replacements(model: nn.Module, spec: ConvertedLayer, settings: dict, init: str) -> list[tuple]:
+    """``[(path, new module)]`` that re-parameterize ``spec`` in ``model``, which stays unchanged."""
     original = model.get_submodule(spec.path)
     like = original.weight
     layer = _new_layer(original, spec.recipe, settings, spec.in_streams).to(
@@ -595,10 +735,10 @@ def _install(model: nn.Module, spec: ConvertedLayer, settings: dict, init: str) 
     norm = model.get_submodule(spec.norm_path) if spec.norm_path else None
     if init == "inherit":
         inherit_weights(layer, original, norm)
-    _set_submodule(model, spec.path, layer)
-    if norm is not None:
-        rest = nn.Sequential(norm.drop, norm.act) if _is_batchnorm_act(norm) else nn.Identity()
-        _set_submodule(model, spec.norm_path, rest)
+    if norm is None:
+        return [(spec.path, layer)]
+    rest = nn.Sequential(norm.drop, norm.act) if is_batchnorm_act(norm) else nn.Identity()
+    return [(spec.path, layer), (spec.norm_path, rest)]
 
 
 @torch.no_grad()
@@ -665,7 +805,7 @@ def inherit_weights(layer: RepConv2d | RepLinear, original: nn.Module, norm: nn.
 def deploy_converted(model: nn.Module) -> nn.Module:
     """A copy of the input model's class and layout with the fused weights (eval mode)."""
     conversion: Conversion = model.neusub_conversion
-    plain = copy.deepcopy(model)
+    plain = module_copy(model)
     for spec in conversion.layers:
         layer = plain.get_submodule(spec.path)
         if isinstance(layer, (RepConv2d, RepLinear)):
@@ -676,7 +816,7 @@ def deploy_converted(model: nn.Module) -> nn.Module:
         module.weight.copy_(kernel.reshape(module.weight.shape))
         if spec.norm_path is not None:
             norm = _materialise(spec.norm, kernel)
-            if _is_batchnorm_act(norm):
+            if is_batchnorm_act(norm):
                 rest = plain.get_submodule(spec.norm_path)
                 norm.drop, norm.act = rest[0], rest[1]
             _identity_norm(norm, bias)
@@ -695,10 +835,6 @@ def deploy_converted(model: nn.Module) -> nn.Module:
     del plain.neusub_conversion
     for name in (*_ENTRY_POINTS, _DEPTH):
         plain.__dict__.pop(name, None)
-    for hooks in (plain._forward_pre_hooks, plain._forward_hooks):
-        for key, hook in list(hooks.items()):
-            if hook in (_enter_forward, _leave_forward):
-                del hooks[key]
     return plain.eval()
 
 

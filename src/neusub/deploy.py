@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+
+from .batchnorm import is_batchnorm_act, running_affine
+from .fusion import fold_conv_bn
 
 
 def to_plain(module: nn.Module) -> nn.Module:
@@ -39,10 +43,9 @@ def deploy(model: nn.Module, inplace: bool = False, fold_norms: bool = False) ->
     folded into that conv (see :func:`fold_batch_norms`): the class stays, the state dict
     layout does not.
     """
-    if getattr(model, "neusub_conversion", None) is not None:  # made by neusub.convert
-        from .convert import deploy_converted
-
-        plain = deploy_converted(model)
+    conversion = getattr(model, "neusub_conversion", None)
+    if conversion is not None:  # made by neusub.convert, whose report knows how to undo it
+        plain = conversion.deploy(model)
     else:
         if not inplace:
             model = copy.deepcopy(model)
@@ -66,9 +69,7 @@ class _NormsAsLeaves(torch.fx.Tracer):
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
     """A plain conv (not a subclass: its forward could transform the weight) and a BatchNorm
     with running statistics over its output channels."""
-    from .convert import _is_batchnorm_act
-
-    is_norm = type(norm) in _NORMS or _is_batchnorm_act(norm)
+    is_norm = type(norm) in _NORMS or is_batchnorm_act(norm)
     return (
         type(conv) in _CONVS
         and is_norm
@@ -86,10 +87,6 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     layers; training it again would train without those BNs. The data flow is read from a
     ``torch.fx`` trace; a model that cannot be traced is refused with a ``ValueError``.
     Returns ``model``."""
-    from .batchnorm import running_affine
-    from .convert import _is_batchnorm_act
-    from .fusion import fold_conv_bn
-
     model.eval()
     try:
         graph = _NormsAsLeaves().trace(model)
@@ -112,7 +109,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
         kernel, bias = fold_conv_bn(conv.weight, conv.bias, *running_affine(norm))
         conv.weight = nn.Parameter(kernel.to(conv.weight.dtype), conv.weight.requires_grad)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), conv.weight.requires_grad)
-        rest = nn.Sequential(norm.drop, norm.act) if _is_batchnorm_act(norm) else nn.Identity()
+        rest = nn.Sequential(norm.drop, norm.act) if is_batchnorm_act(norm) else nn.Identity()
         _replace(model, node.target, rest)
     return model
 
@@ -120,6 +117,15 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
 def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def non_finite(state: Mapping[str, object]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold NaN or inf."""
+    return [
+        name
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def _input_is_bundle(model: nn.Module, x: Tensor) -> bool:

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .deploy import deploy
-from .files import written_atomically
+from .deploy import deploy, non_finite
+from .files import first_line, read_regular_file, written_atomically
 from .models.resnet import RESNETS
+from .onnx_files import check_bounded, non_finite_tensors
 
 __all__ = ["SUPPORTED_TORCHVISION", "OnnxModel", "to_onnx", "to_onnx_int8", "to_torchvision"]
 
@@ -103,6 +104,10 @@ def to_torchvision(model: nn.Module):
         raise ValueError("to_torchvision: torchvision ResNets use ReLU; build the model with act='relu'")
     with torch.device("meta"):  # every module with parameters is replaced below
         tv = getattr(torchvision.models, name)(num_classes=plain.fc.out_features)
+    # what is left of these was not mapped (``is_meta`` would not tell: ``model`` may be on the
+    # meta device too); the list keeps them alive, so that no new tensor reuses their ids
+    placeholders = [*tv.parameters(), *tv.buffers()]
+    unmapped = {id(t) for t in placeholders}
     for attr in ("conv1", "bn1", "maxpool", "fc"):
         setattr(tv, attr, copy.deepcopy(getattr(plain, attr)))
     for stage in ("layer1", "layer2", "layer3", "layer4"):
@@ -113,7 +118,7 @@ def to_torchvision(model: nn.Module):
                     setattr(theirs, attr, copy.deepcopy(getattr(ours, attr)))
             # other widths than torchvision's may add a shortcut projection (timm's stem keeps 64)
             theirs.downsample = copy.deepcopy(ours.downsample)
-    left = [n for n, t in [*tv.named_parameters(), *tv.named_buffers()] if t.is_meta]
+    left = [n for n, t in [*tv.named_parameters(), *tv.named_buffers()] if id(t) in unmapped]
     if left:  # a layout this function does not know
         raise ValueError(f"to_torchvision: could not map {', '.join(left[:5])} from {name}")
     return tv.eval()
@@ -151,6 +156,7 @@ def to_onnx(
     check: bool = True,
     rtol: float = 1e-4,
     metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Export the deployed form of ``model`` to ONNX at ``path``; returns the path.
 
@@ -164,7 +170,9 @@ def to_onnx(
     configuration there, so ``neusub eval`` can evaluate the file).
 
     The file is written to a temporary file beside ``path`` and renamed into place only when
-    everything succeeded: on failure ``path`` is left as it was (absent, or the old file).
+    everything succeeded: on failure ``path`` is left as it was (absent, or the old file). With
+    ``overwrite=False`` an existing ``path`` is left alone (``FileExistsError``). A model with
+    NaN or inf weights is refused (``ValueError``): its outputs could not be checked.
     Needs ``onnx`` (and ``onnxruntime`` for ``check``): ``pip install neusub[onnx]``.
     """
     _require_onnx(check)
@@ -172,9 +180,14 @@ def to_onnx(
 
     path = Path(path)
     plain = deploy(model).to(device="cpu", dtype=dtype)
+    bad = non_finite(plain.state_dict())
+    if bad:
+        raise ValueError(
+            f"to_onnx: the model holds NaN or inf (in {bad[0]}); export a model with finite weights"
+        )
     example = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)).to(dtype)
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    with written_atomically(path) as tmp:
+    with written_atomically(path, overwrite) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             torch.onnx.export(
@@ -230,6 +243,7 @@ def to_onnx_int8(
     *,
     per_channel: bool = True,
     method: str = "minmax",
+    overwrite: bool = True,
 ) -> Path:
     """Static post-training INT8 quantization of a float ONNX file (from :func:`to_onnx`).
 
@@ -238,6 +252,10 @@ def to_onnx_int8(
     ``"entropy"`` or ``"percentile"``) on ``calibration`` — a tensor ``(N, *input)`` or batches
     of them, best drawn from the training data. The float file's metadata is kept. Written
     atomically, like :func:`to_onnx`. Needs ``pip install neusub[onnx]``.
+
+    Bad input is a ``ValueError`` naming it: a file :class:`OnnxModel` refuses, one already
+    quantized or with NaN / inf weights, calibration that is not finite tensors of the input's
+    shape, an output path in no folder, or anything onnxruntime's quantizer refuses.
     """
     _require_onnx(True, "to_onnx_int8")
     import onnx
@@ -247,31 +265,86 @@ def to_onnx_int8(
     methods = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
     if method not in methods:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
-    batches = [calibration] if isinstance(calibration, Tensor) else list(calibration)
-    batches = [b.detach().to("cpu", torch.float32) for b in batches if len(b)]
+    source, path = Path(float_onnx), Path(path)
+    model = _float_source(source)
+    batches = _calibration_batches(calibration, model.input_shape)
+    _check_output_path(path, source)
+    reader = _Batches(model.input_name, batches)
+    with written_atomically(path, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"  # shapes inferred, graph optimised: as ORT advises
+        try:
+            quant_pre_process(str(source), str(prepared))
+            quantize_static(
+                str(prepared),
+                str(tmp),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, methods[method]),
+            )
+            if model.metadata:
+                _set_metadata(tmp, model.metadata)
+            onnx.checker.check_model(str(tmp))
+        except OSError:  # the file system's refusal (a full disk): not the input's fault
+            raise
+        except Exception as err:  # onnxruntime's and onnx's errors, and the quantizer's assertions
+            raise ValueError(f"to_onnx_int8: {source} cannot be quantized ({first_line(err)})") from None
+    return path
+
+
+def _float_source(source: Path) -> OnnxModel:
+    """The float ONNX file to quantize, checked."""
+    model = OnnxModel(source)
+    if model.quantized:
+        raise ValueError(f"to_onnx_int8: {source} is quantized already; pass the float file from to_onnx")
+    bad = model.non_finite_weights()
+    if bad:
+        raise ValueError(f"to_onnx_int8: {source} holds NaN or inf (in {bad[0]}); it cannot be calibrated")
+    return model
+
+
+def _calibration_batches(calibration: object, input_shape: tuple) -> list[Tensor]:
+    """``calibration`` as a list of non-empty float32 CPU batches of the network's input shape."""
+    if isinstance(calibration, Tensor):
+        items = [calibration]
+    else:
+        try:
+            items = list(calibration)  # type: ignore[call-overload]
+        except TypeError:
+            raise ValueError(
+                f"calibration must be a tensor or an iterable of tensors, not {type(calibration).__name__}"
+            ) from None
+    batch, sample = input_shape[0], tuple(input_shape[1:])
+    wanted = f"({batch if isinstance(batch, int) else 'N'}, {', '.join(map(str, sample))})"
+    batches = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Tensor):
+            raise ValueError(f"calibration batch {i} is of type {type(item).__name__}, not a torch tensor")
+        shape = tuple(item.shape)
+        if (
+            len(shape) != len(input_shape)
+            or shape[1:] != sample
+            or isinstance(batch, int)
+            and len(item) != batch
+        ):
+            raise ValueError(f"calibration batch {i} has shape {shape}; the network takes {wanted}")
+        item = item.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(item).all()):
+            raise ValueError(f"calibration batch {i} holds NaN or inf; calibrate on finite inputs")
+        if len(item):
+            batches.append(item)
     if not batches:
         raise ValueError("to_onnx_int8 needs at least one calibration sample")
-    source, path = Path(float_onnx), Path(path)
-    proto = OnnxModel(source).proto  # a clear error for a file that is not ONNX
-    reader = _Batches(proto.graph.input[0].name, batches)
-    with written_atomically(path) as tmp, tempfile.TemporaryDirectory() as scratch:
-        prepared = Path(scratch) / "prepared.onnx"  # shapes inferred, graph optimised: as ORT advises
-        quant_pre_process(str(source), str(prepared))
-        quantize_static(
-            str(prepared),
-            str(tmp),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, methods[method]),
-        )
-        metadata = read_metadata(proto)
-        if metadata:
-            _set_metadata(tmp, metadata)
-        onnx.checker.check_model(str(tmp))
-    return path
+    return batches
+
+
+def _check_output_path(path: Path, source: Path) -> None:
+    if not path.parent.is_dir():
+        raise ValueError(f"to_onnx_int8: {path.parent} is not a folder; choose a path in an existing folder")
+    if path.resolve() == source.resolve():
+        raise ValueError(f"to_onnx_int8: {path} is the float file itself; choose another path")
 
 
 class _Batches:
@@ -285,11 +358,17 @@ class _Batches:
         return None if batch is None else {self.name: batch.numpy()}
 
 
+ONNX_MAX_BYTES = 2**31  # protobuf's limit: a file without external data is never larger
+
+
 class OnnxModel:
     """An ONNX file as a callable ``(B, *input) → outputs`` on tensors, run by onnxruntime (CPU).
 
-    ``metadata`` holds the file's ``metadata_props``. A file that onnxruntime cannot load is a
-    ``ValueError`` naming it."""
+    ``metadata`` holds the file's ``metadata_props``; ``input_shape`` the input's shape as the
+    file declares it (a symbolic batch axis by its name); ``sample_output_shape`` the first
+    output's shape for one sample. The file is read only when it is a regular file of at most
+    2 GiB, and loaded only when its cost is bounded (:mod:`neusub.onnx_files`: no loops, sizes
+    known before it runs); anything else is a ``ValueError`` naming the file and the problem."""
 
     def __init__(self, path: str | os.PathLike):
         _require_onnx(True, "running an ONNX file")
@@ -297,13 +376,25 @@ class OnnxModel:
         import onnxruntime
 
         self.path = Path(path)
+        data = read_regular_file(self.path, ONNX_MAX_BYTES, "ONNX")
         try:
-            self.proto = onnx.load(str(self.path), load_external_data=False)
-            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnx's DecodeError, onnxruntime's InvalidProtobuf / Fail
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{self.path} is not an ONNX model onnxruntime can load ({reason})") from None
-        self.input_name = self.session.get_inputs()[0].name
+            self.proto = onnx.load_model_from_string(data)
+        except Exception as err:  # protobuf's DecodeError
+            raise ValueError(f"{self.path} is not an ONNX model ({first_line(err)})") from None
+        shapes = check_bounded(self.proto, str(self.path))
+        try:
+            self.session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's InvalidGraph / Fail
+            raise ValueError(
+                f"{self.path} is not an ONNX model onnxruntime can load ({first_line(err)})"
+            ) from None
+        first = self.session.get_inputs()[0]
+        if first.type != "tensor(float)":
+            raise ValueError(
+                f"{self.path} takes {first.type} inputs; OnnxModel runs networks of float inputs"
+            )
+        self.input_name, self.input_shape = first.name, tuple(first.shape)
+        self.sample_output_shape = shapes.get(self.session.get_outputs()[0].name)
         self.metadata = read_metadata(self.proto)
 
     @property
@@ -311,6 +402,16 @@ class OnnxModel:
         """Whether the graph holds INT8 quantize / dequantize nodes."""
         return any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in self.proto.graph.node)
 
+    def non_finite_weights(self) -> list[str]:
+        """The names of the stored floating-point tensors (weights, constants) holding NaN or inf."""
+        return non_finite_tensors(self.proto)
+
     def __call__(self, x: Tensor) -> Tensor:
-        (out,) = self.session.run(None, {self.input_name: x.detach().to("cpu", torch.float32).numpy()})[:1]
+        feed = {self.input_name: x.detach().to("cpu", torch.float32).numpy()}
+        try:
+            out = self.session.run(None, feed)[0]
+        except Exception as err:  # onnxruntime's InvalidArgument / RuntimeException
+            raise ValueError(
+                f"{self.path} cannot run on inputs of shape {tuple(x.shape)} ({first_line(err)})"
+            ) from None
         return torch.from_numpy(out)

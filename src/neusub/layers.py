@@ -116,11 +116,8 @@ class _RepLayer(StreamModule):
         streams = x.streams if isinstance(x, Bundle) else x.unsqueeze(0)
         probe = active_probe()
         if probe is not None:
-            if probe.where() in probe.layer_outputs and streams.shape[0] != self.in_streams:
-                raise ValueError(
-                    f"{probe.where()} is called with {self.in_streams} and {streams.shape[0]} streams; a "
-                    "re-parameterized layer needs one static count: leave this shared module out of layers="
-                )
+            if probe.where() in probe.layer_outputs:  # a shared module: convert leaves it out
+                probe.repeated.add(probe.where())
             self.set_in_streams(streams.shape[0])
             if streams.shape[0] == 1 and probe.derives_from_merge(x):
                 probe.starved.append(probe.where())

@@ -47,11 +47,15 @@ def draw_mixing(
     neural_drop: float,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One training forward's mixing weights: ``(N, S, N)``, or ``(B, N, S, N)`` with neural drop."""
-    shuffle = stochastic > 0 and bool(torch.rand((), generator=generator) < stochastic)
-    partition = (
-        random_partition(streams, branches, generator) if shuffle else canonical_partition(streams, branches)
-    )
+    """One training forward's mixing weights: ``(N, S, N)``, or ``(B, N, S, N)`` with neural drop.
+
+    With ``0 < stochastic`` a coin ``torch.rand(()) < stochastic`` and a permutation are drawn on
+    every call, the coin choosing between it and the canonical partition without reading the
+    coin back (torch.compile keeps one graph)."""
+    partition = canonical_partition(streams, branches)
+    if stochastic > 0:
+        shuffle = torch.rand((), generator=generator) < stochastic
+        partition = torch.where(shuffle, random_partition(streams, branches, generator), partition)
     matrix = mixing_matrix(partition, streams, branches)
     if neural_drop > 0:
         keep = pair_keep_mask(batch, streams, branches, neural_drop, generator)
@@ -111,7 +115,25 @@ def _weight(weights: Tensor, l: int, j: int) -> Tensor:
 
 def partition_sum(z: Tensor, mixing: Tensor) -> Tensor:
     """Apply a partition's mixing matrix to the pair tensor ``z`` ``(S, B, G, N, C, L)``."""
+    if torch.compiler.is_compiling():
+        return _gathered_sum(z, mixing)
     routes, weights = _routes(mixing)
     if weights is not None:
         weights = weights.to(device=z.device, dtype=z.dtype)
     return _PartitionSum.apply(z, weights, routes, mixing.shape[-3])
+
+
+def _gathered_sum(z: Tensor, mixing: Tensor) -> Tensor:
+    """:func:`partition_sum` as tensor ops whose shapes do not depend on the draw, for
+    torch.compile (which fuses the gather and the sum into one pass over ``z``). The same values:
+    each output adds its pairs in the same order (ascending pair id)."""
+    streams, branches = z.shape[0], z.shape[3]
+    mixing = mixing.to(z.device)
+    pattern = (mixing != 0) if mixing.dim() == 3 else (mixing != 0).any(0)  # (N, S, N)
+    flat = pattern.reshape(pattern.shape[0], -1).to(torch.uint8)
+    pair_ids = flat.argsort(dim=1, descending=True, stable=True)[:, :streams]  # (n_out, S), ascending
+    pairs = z[pair_ids // branches, :, :, pair_ids % branches]  # (n_out, S, B, G, C, L)
+    if mixing.dim() == 4:  # neural drop: each pair's weight per sample
+        weights = mixing.sum(1).reshape(mixing.shape[0], -1)[:, pair_ids]  # (B, n_out, S)
+        pairs = pairs * weights.permute(1, 2, 0).reshape(*pair_ids.shape, -1, 1, 1, 1).to(z.dtype)
+    return pairs.sum(1)

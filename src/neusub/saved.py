@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .deploy import deploy, non_finite
+from .files import check_regular_file, first_line, memory_bytes
+
 CHECKPOINT_FORMAT = "neusub-checkpoint-v1"  # a run's last.pt: training structure, optimizer, RNGs
 DEPLOYED_FORMAT = "neusub-deployed-v1"  # deployed.pt: the plain network
 TORCHVISION_FORMAT = "neusub-torchvision-v1"  # `export --format torchvision`: a torchvision ResNet
@@ -83,12 +86,18 @@ def verify_archive(path: str | os.PathLike) -> None:
     """Check every member of a ``torch.save`` zip archive against its stored CRC-32."""
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            compressed = [m.filename for m in archive.infolist() if m.compress_type != zipfile.ZIP_STORED]
+            bad = None if compressed else archive.testzip()
     except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as err:
         raise SavedFileError(
             f"{path} is not a readable neusub checkpoint ({err}); it may be truncated or from another "
             "program — use a file written by `neusub train` / `neusub deploy`"
         ) from None
+    if compressed:  # torch.save stores members as they are: a compressed one could expand without bound
+        raise SavedFileError(
+            f"{path} holds compressed members ({compressed[0]!r}); torch.save never writes those — "
+            "use a file written by `neusub train` / `neusub deploy`"
+        )
     if bad is not None:
         raise SavedFileError(
             f"{path} is corrupt: its member {bad!r} fails its checksum (a changed byte on disk); "
@@ -100,15 +109,19 @@ def read(path: str | os.PathLike, expect: str | tuple[str, ...] = CHECKPOINT_FOR
     """The dict saved at ``path``, a neusub file of format ``expect`` (one or several)."""
     path = Path(path)
     expect = (expect,) if isinstance(expect, str) else expect
-    if not path.is_file():
+    if not path.exists():
         raise SavedFileError(
             f"checkpoint {path} does not exist; pass the path of a run's last.pt or a run folder"
         )
+    try:  # a FIFO or a device is never opened; a file larger than memory cannot be loaded
+        check_regular_file(path, memory_bytes(), "checkpoint")
+    except ValueError as err:
+        raise SavedFileError(str(err)) from None
     verify_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, corrupt, or pickles foreign objects
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise SavedFileError(
             f"{path} is not a readable neusub checkpoint ({reason}); it may be truncated or "
             "from another program — use a last.pt written by `neusub train`"
@@ -146,24 +159,24 @@ def build_model(settings: Mapping | object, info: DataInfo) -> nn.Module:
     try:
         return create_model(name, **kwargs)
     except (RuntimeError, MemoryError, OverflowError) as err:  # allocation of absurd sizes
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        reason = first_line(err, 120)
         raise ValueError(
             f"model {name!r} at width_mult={kwargs.get('width_mult', 1.0)} with {info.num_classes} classes "
             f"cannot be built ({reason}); use a smaller width_mult (--width-mult)"
         ) from None
 
 
-def load_weights(model: nn.Module, state: object, where: str) -> None:
-    """``model.load_state_dict(state)``, or a :class:`SavedFileError` naming the keys that do not fit."""
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _misfits(own: Mapping[str, torch.Tensor], state: object, where: str) -> list[str]:
+    """What keeps ``state`` from loading into a model whose state dict is ``own`` (empty: it fits).
+    ``own`` may live on the meta device: only its keys and shapes are read."""
     if not isinstance(state, dict):
         raise SavedFileError(
             f"{where} holds no state dict; use a file written by `neusub train` / `neusub deploy`"
         )
-    own = model.state_dict()
-
-    def few(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [
@@ -171,18 +184,49 @@ def load_weights(model: nn.Module, state: object, where: str) -> None:
         for k in own
         if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
     ]
-    kinds = {"missing": missing, "unexpected": unexpected, "of another shape": reshaped}
-    parts = [f"{len(keys)} {what} ({few(keys)})" for what, keys in kinds.items() if keys]
+    # a broadcast view (stride 0) claims elements that are not in the file: it could pass for any size
+    unstored = [
+        k
+        for k, t in state.items()
+        if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > t.untyped_storage().nbytes()
+    ]
+    kinds = {
+        "missing": missing,
+        "unexpected": unexpected,
+        "of another shape": reshaped,
+        "with elements not stored (broadcast views)": unstored,
+    }
+    return [f"{len(keys)} {what} ({_few(keys)})" for what, keys in kinds.items() if keys]
+
+
+def _does_not_fit(where: str, parts: list[str]) -> SavedFileError:
+    return SavedFileError(
+        f"{where} does not fit the model its config describes: keys {'; '.join(parts)}; "
+        "it was made with other settings (another recipe or model?) or changed after it was written"
+    )
+
+
+def load_weights(model: nn.Module, state: object, where: str) -> None:
+    """``model.load_state_dict(state)``, or a :class:`SavedFileError` naming the keys that do not fit."""
+    parts = _misfits(model.state_dict(), state, where)
     if not parts:
         try:
             model.load_state_dict(state)
             return
         except (RuntimeError, TypeError, ValueError) as err:
             parts = [str(err).strip().splitlines()[-1][:160]]
-    raise SavedFileError(
-        f"{where} does not fit the model its config describes: keys {'; '.join(parts)}; "
-        "it was made with other settings (another recipe or model?) or changed after it was written"
-    )
+    raise _does_not_fit(where, parts)
+
+
+def refuse_non_finite(state: Mapping[str, object], where: str) -> None:
+    """``SavedFileError`` when ``state`` holds NaN or inf: what such a network outputs is meaningless."""
+    names = non_finite(state)
+    if names:
+        raise SavedFileError(
+            f"{where} holds non-finite weights (NaN or inf in {_few(names)}); its outputs would be "
+            "meaningless, so it is refused — use a checkpoint from before training diverged "
+            "(`neusub train` writes only finite ones)"
+        )
 
 
 def settings_of(saved: dict, file: str | os.PathLike) -> tuple[dict, DataInfo]:
@@ -193,21 +237,34 @@ def settings_of(saved: dict, file: str | os.PathLike) -> tuple[dict, DataInfo]:
     return saved["config"], info_from_dict(saved["info"], f"{file}: info")
 
 
-def model_from(saved: dict, settings: Mapping | object, info: DataInfo, where: str) -> nn.Module:
-    """The model a file of :data:`MODEL_FORMATS` holds, in eval mode: the structure its format
-    names, built from ``settings`` and ``info``, with the file's weights."""
-    from .deploy import deploy
-
+def _structure(file_format: str, settings: Mapping | object, info: DataInfo) -> nn.Module:
+    """The (untrained) network a file of ``file_format`` holds the weights of."""
     model = build_model(settings, info)
-    if saved["format"] == DEPLOYED_FORMAT:
-        model = deploy(model)
-    elif saved["format"] == TORCHVISION_FORMAT:
+    if file_format == DEPLOYED_FORMAT:
+        return deploy(model)
+    if file_format == TORCHVISION_FORMAT:
         from .export import to_torchvision
 
-        model = to_torchvision(model)  # the layout; the weights come from the file
+        return to_torchvision(model)  # the layout; the weights come from the file
+    return model
+
+
+def model_from(saved: dict, settings: Mapping | object, info: DataInfo, where: str) -> nn.Module:
+    """The model a file of :data:`MODEL_FORMATS` holds, in eval mode: the structure its format
+    names, built from ``settings`` and ``info``, with the file's weights.
+
+    The structure is first built on the meta device (shapes, no memory) and compared with the
+    stored weights: settings that ask for sizes the file does not hold are refused before any
+    memory is taken, so a small crafted file cannot make this build a huge network."""
     key = WEIGHTS_KEY[saved["format"]]
     if key not in saved:
         raise SavedFileError(f"{where} lacks {key!r}; it was not written by neusub (or was changed)")
+    with torch.device("meta"):
+        skeleton = _structure(saved["format"], settings, info)
+    parts = _misfits(skeleton.state_dict(), saved[key], where)
+    if parts:
+        raise _does_not_fit(where, parts)
+    model = _structure(saved["format"], settings, info)
     load_weights(model, saved[key], where)
     return model.eval()
 
@@ -221,7 +278,10 @@ def load(path: str | os.PathLike) -> nn.Module:
     - an ``.onnx`` file (``neusub export --format onnx``) → :class:`neusub.export.OnnxModel`,
       a callable on tensors run by onnxruntime.
 
-    Anything else raises ``ValueError`` naming the file and the problem.
+    Anything else raises ``ValueError`` naming the file and the problem: a path that is not a
+    regular file (a FIFO, ``/dev/zero``) is never opened, and settings that ask for sizes the
+    stored weights do not have are refused before the network is built (:func:`model_from`).
+    Weights are loaded as stored, NaN or inf included (the command line refuses those).
     """
     if Path(path).suffix == ".onnx":
         from .export import OnnxModel

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .activations import ACTIVATIONS, clamp_gate
-from .bundle import GUIDED, Bundle, Rule, count, merge, merged_call, rule, wrap
+from .activations import ACTIVATIONS, REGISTRATION_LISTENERS, clamp_gate
+from .bundle import GUIDED, Bundle, Rule, count, merge, merged_call, rule, wrap, write_into
 
 # ---------------------------------------------------------------------- helpers
 
@@ -98,21 +98,6 @@ def _unify(values: list[Any], streams: int) -> list[Any]:
     return out
 
 
-def _rebind(target: Any, result: Any) -> Any:
-    """An in-place op on ``target``: a bundle takes the result's streams (same object, as
-    PyTorch's in-place ops keep the tensor's identity); a plain tensor is updated with the
-    result's sum (the streams merge into it)."""
-    if isinstance(target, Bundle):
-        if isinstance(result, Bundle):
-            target.streams = result.streams
-        else:
-            target.streams = result.unsqueeze(0)
-        return target
-    with torch._C.DisableTorchFunctionSubclass():
-        target.copy_(merge(result))
-    return target
-
-
 # ---------------------------------------------------------------------- linear: folded batch
 
 # func -> index of its additive constant (bias / padding value) in the positional arguments
@@ -180,31 +165,57 @@ def _pad(func, args, kwargs):
 
 # ---------------------------------------------------------------------- linear: per stream
 
+# The linear ops whose result may share the input's storage (a view): the bundles on both
+# sides are marked ``aliased``, so that an in-place op on either writes the shared streams.
+_VIEWS = frozenset(
+    {
+        torch.flatten,
+        Tensor.flatten,
+        torch.reshape,
+        Tensor.reshape,
+        Tensor.view,
+        Tensor.view_as,
+        torch.permute,
+        Tensor.permute,
+        torch.transpose,
+        Tensor.transpose,
+        torch.swapaxes,
+        Tensor.swapaxes,
+        torch.t,
+        Tensor.t,
+        torch.squeeze,
+        Tensor.squeeze,
+        torch.unsqueeze,
+        Tensor.unsqueeze,
+        torch.movedim,
+        Tensor.movedim,
+        torch.moveaxis,
+        Tensor.moveaxis,
+        Tensor.expand,
+        Tensor.expand_as,
+        torch.narrow,
+        Tensor.narrow,
+        torch.select,
+        Tensor.select,
+        torch.unflatten,
+        Tensor.unflatten,
+        Tensor.__getitem__,
+        torch.split,
+        Tensor.split,
+        torch.chunk,
+        Tensor.chunk,
+        torch.unbind,
+        Tensor.unbind,
+        torch.tensor_split,
+        Tensor.tensor_split,
+        torch.diagonal,
+        Tensor.diagonal,
+        Tensor.detach,
+        torch.detach,
+    }
+)
 _LINEAR = [
-    torch.flatten,
-    Tensor.flatten,
-    torch.reshape,
-    Tensor.reshape,
-    Tensor.view,
-    Tensor.view_as,
-    torch.permute,
-    Tensor.permute,
-    torch.transpose,
-    Tensor.transpose,
-    torch.swapaxes,
-    Tensor.swapaxes,
-    torch.t,
-    Tensor.t,
-    torch.squeeze,
-    Tensor.squeeze,
-    torch.unsqueeze,
-    Tensor.unsqueeze,
-    torch.movedim,
-    Tensor.movedim,
-    torch.moveaxis,
-    Tensor.moveaxis,
-    Tensor.expand,
-    Tensor.expand_as,
+    *_VIEWS,
     Tensor.repeat,
     torch.tile,
     Tensor.tile,
@@ -212,21 +223,6 @@ _LINEAR = [
     Tensor.flip,
     torch.roll,
     Tensor.roll,
-    torch.narrow,
-    Tensor.narrow,
-    torch.select,
-    Tensor.select,
-    torch.unflatten,
-    Tensor.unflatten,
-    Tensor.__getitem__,
-    torch.split,
-    Tensor.split,
-    torch.chunk,
-    Tensor.chunk,
-    torch.unbind,
-    Tensor.unbind,
-    torch.tensor_split,
-    Tensor.tensor_split,
     torch.mean,
     Tensor.mean,
     torch.sum,
@@ -238,8 +234,6 @@ _LINEAR = [
     Tensor.__neg__,
     torch.clone,
     Tensor.clone,
-    Tensor.detach,
-    torch.detach,
     Tensor.to,
     Tensor.float,
     Tensor.double,
@@ -247,8 +241,6 @@ _LINEAR = [
     Tensor.bfloat16,
     Tensor.type,
     Tensor.type_as,
-    torch.diagonal,
-    Tensor.diagonal,
     torch.trace,
     torch.fft.fft,
     torch.fft.rfft,
@@ -264,7 +256,12 @@ _LINEAR = [
 def _linear(func, args, kwargs):
     if isinstance(args[0], Bundle) and func in (Tensor.to, Tensor.type) and _is_memory_format_only(kwargs):
         return wrap(_fold(func, args[0], args[1:], kwargs))
-    return _per_stream(func, args, kwargs, _stream_count((args, kwargs)))
+    result = _per_stream(func, args, kwargs, _stream_count((args, kwargs)))
+    if func in _VIEWS:
+        for bundle in tree_leaves((args[0], result)):
+            if isinstance(bundle, Bundle):
+                bundle.aliased = True
+    return result
 
 
 def _is_memory_format_only(kwargs: dict) -> bool:
@@ -354,7 +351,7 @@ def _sum(func, args, kwargs):
 @rule(*_ADD_INPLACE)
 def _sum_inplace(func, args, kwargs):
     target, other = args[:2]
-    return _rebind(target, _add(target, other, _ADD_INPLACE[func], kwargs.get("alpha", 1)))
+    return write_into(target, _add(target, other, _ADD_INPLACE[func], kwargs.get("alpha", 1)))
 
 
 @rule(Tensor.__rsub__, torch.rsub)
@@ -389,6 +386,7 @@ def _product(a: Any, b: Any, divide: bool) -> Tensor:
         with torch._C.DisableTorchFunctionSubclass():
             return merge(a) / merge(b) if divide else merge(a) * merge(b)
     rank = max(_rank(a), _rank(b))
+    b = merge(b)  # a one-stream bundle (as a probe marks merged values) is its one stream
     with torch._C.DisableTorchFunctionSubclass():
         inner = _lifted(a, rank)
         return wrap(inner / b if divide else inner * b)
@@ -408,14 +406,14 @@ def _div(func, args, kwargs):
 
 @rule(Tensor.__imul__, Tensor.mul_)
 def _mul_inplace(func, args, kwargs):
-    return _rebind(args[0], _product(args[0], args[1], divide=False))
+    return write_into(args[0], _product(args[0], args[1], divide=False))
 
 
 @rule(Tensor.__itruediv__, Tensor.div_)
 def _div_inplace(func, args, kwargs):
     if count(args[1]) > 1:
         return merged_call(func, args, kwargs, "divides by a multi-stream tensor")
-    return _rebind(args[0], _product(args[0], args[1], divide=True))
+    return write_into(args[0], _product(args[0], args[1], divide=True))
 
 
 @rule(Tensor.__setitem__)
@@ -423,13 +421,10 @@ def _setitem(func, args, kwargs):
     target, index, value = args
     if not isinstance(target, Bundle):
         return merged_call(func, args, kwargs, "writes a multi-stream value into a plain tensor")
-    s = target.num_streams
-    (value,) = _unify([value], s)
+    (value,) = _unify([value], target.num_streams)
     index = index if isinstance(index, tuple) else (index,)
-    with torch._C.DisableTorchFunctionSubclass():
-        streams = target.streams.clone()
-        streams[(slice(None), *index)] = value.streams if isinstance(value, Bundle) else value
-    target.streams = streams
+    with torch._C.DisableTorchFunctionSubclass():  # in place: bundles viewing the target see it
+        target.streams[(slice(None), *index)] = value.streams if isinstance(value, Bundle) else value
     return None
 
 
@@ -473,7 +468,7 @@ def _activation(
             inplace_at is not None
             and bool(kwargs.get("inplace", args[inplace_at] if len(args) > inplace_at else False))
         )
-        return _rebind(x, out) if inplace else out
+        return write_into(x, out) if inplace else out
 
     return apply
 
@@ -494,6 +489,7 @@ def register_activation_rules(name: str) -> None:
 
 for _name in ACTIVATIONS:
     register_activation_rules(_name)
+REGISTRATION_LISTENERS.append(register_activation_rules)  # and every activation registered later
 rule(F.leaky_relu)(_activation("leaky_relu", _positional(1, "negative_slope", 0.01), inplace_at=2))
 rule(F.prelu)(_activation("prelu", _positional(1, "weight", None), inplace_at=None))
 
@@ -661,7 +657,7 @@ def _dropout(func, args, kwargs):
         ones = x.streams.new_ones(x.streams.shape[1:])
         mask = func(ones, bound["p"], True)  # one mask (with its 1/(1-p)) for every stream
         out = wrap(x.streams * mask)
-    return _rebind(x, out) if bound["inplace"] else out
+    return write_into(x, out) if bound["inplace"] else out
 
 
 for _drop in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+from collections.abc import Callable
+from typing import Any
 
 _OWN_ARGS = ("pretrained", "pretrained_cfg", "cache_dir")
 # What a built model's own pretrained_cfg says about itself and overrides in the registered one:
@@ -24,15 +26,13 @@ _MODEL_KEYS = ("input_size", "pool_size", "fixed_input_size", "first_conv", "cla
 default_cfgs: dict[str, dict] = {}
 
 
-def _entrypoint(name: str):
+def _entrypoint(name: str, build: Callable[..., Any]):
     def entry(pretrained: bool = False, pretrained_cfg_overlay: dict | None = None, **kwargs):
-        from .models import create_model
-
         if pretrained:
             raise ValueError(f"neusub_{name} has no pretrained weights; use pretrained=False")
         for key in _OWN_ARGS:
             kwargs.pop(key, None)
-        model = create_model(name, **kwargs)
+        model = build(**kwargs)
         if pretrained_cfg_overlay:
             model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **pretrained_cfg_overlay}
         return model
@@ -61,12 +61,14 @@ def default_cfg(**overrides) -> dict:
     return {**cfg, **overrides}
 
 
-def register_with_timm(name: str, overrides: dict) -> None:
-    """Make ``timm.create_model(f"neusub_{name}")`` build neusub's model ``name``, with the
+def register_with_timm(name: str, build: Callable[..., Any], overrides: dict) -> None:
+    """Make ``timm.create_model(f"neusub_{name}", **kwargs)`` return ``build(**kwargs)``, with the
     pretrained_cfg :func:`default_cfg` ``(**overrides)`` in timm's registry."""
-    from timm.models import register_model
-
-    fn = _entrypoint(name)
+    try:
+        from timm.models import register_model
+    except ImportError:  # timm is optional for the layers
+        return
+    fn = _entrypoint(name, build)
     setattr(sys.modules[__name__], fn.__name__, fn)
     default_cfgs[fn.__name__] = default_cfg(**overrides)
     register_model(fn)
@@ -109,13 +111,16 @@ def _weight_paths(model, paths: str | tuple[str, ...]) -> str | tuple[str, ...]:
     return found[0] if len(found) == 1 else tuple(found)
 
 
-def _load_models() -> None:
-    if "neusub.models" not in sys.modules:  # else it is loading now and registers as it goes
-        importlib.import_module("neusub.models")
+def _load(module: str) -> None:
+    if module not in sys.modules:  # else it is loading now and registers as it goes
+        importlib.import_module(module)
 
 
 class _AfterTimm(importlib.abc.MetaPathFinder):
-    """Finds timm the usual way and runs :func:`_load_models` once timm's module has executed."""
+    """Finds timm the usual way and imports ``models`` once timm's module has executed."""
+
+    def __init__(self, models: str) -> None:
+        self.models = models
 
     def find_spec(self, fullname, path, target=None):
         if fullname != "timm":
@@ -125,17 +130,18 @@ class _AfterTimm(importlib.abc.MetaPathFinder):
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             run = spec.loader.exec_module
 
-            def exec_module(module, run=run):
+            def exec_module(module, run=run, models=self.models):
                 run(module)
-                _load_models()
+                _load(models)
 
             spec.loader.exec_module = exec_module
         return spec
 
 
-def watch() -> None:
-    """Register neusub's models with timm now if timm is loaded, else when it is."""
+def watch(models: str) -> None:
+    """Import the module ``models`` (which registers the models) now if timm is loaded, else as
+    soon as it is. The package names it: this module sits below the models."""
     if "timm" in sys.modules:
-        _load_models()
+        _load(models)
     elif not any(isinstance(finder, _AfterTimm) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AfterTimm())
+        sys.meta_path.insert(0, _AfterTimm(models))

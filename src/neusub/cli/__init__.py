@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("grid", metavar="GRID.toml")
     grid.add_argument("--out", required=True, help="experiment folder (re-run to resume)")
     grid.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; default 1)")
+    threads = "torch threads of each run (default 1); a run's numbers depend on it, never on --jobs"
+    grid.add_argument("--threads", type=int, default=1, help=threads)
     return parser
 
 
@@ -129,7 +131,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.command == "experiment":
         from .experiment import cmd_experiment
 
-        return cmd_experiment(args.grid, args.out, args.jobs)
+        return cmd_experiment(args.grid, args.out, args.jobs, threads=args.threads)
     return commands.cmd_export(args.checkpoint, args.format, args.out, args.int8, args.calibration_samples)
 
 
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print("neusub: interrupted", file=sys.stderr)
         return stop_code(stop)
     except OSError as err:  # a file system refusal the command did not foresee
-        from .runfolder import describe_os_error
+        from .errors import describe_os_error
 
         print(f"neusub: error: {describe_os_error(err, 'use')}", file=sys.stderr)
         return 2

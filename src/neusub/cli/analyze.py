@@ -15,12 +15,11 @@ import torch
 
 from .. import analysis, deploy
 from ..models import default_recipe
-from .checkpoint import atomic_save_json
+from .checkpoint import atomic_save_json, atomic_write
 from .commands import load_run_model
 from .config import TrainConfig, config_dict
 from .data import load_dataset, take_subset
-from .errors import CLIError
-from .runfolder import describe_os_error
+from .errors import CLIError, describe_os_error
 from .trainer import build_model
 
 ANALYSES = ("similarity", "kernels", "block-drop", "topology", "statistics")
@@ -94,7 +93,7 @@ def cmd_analyze(paths: list[str], what: str, out: str | None, samples: int = 200
     stem = what.replace("-", "_")
     atomic_save_json(runs, out_dir / f"{stem}.json")
     figure = PLOTS[what](runs)
-    figure.savefig(out_dir / f"{stem}.png", dpi=110)
+    atomic_write(out_dir / f"{stem}.png", lambda handle: figure.savefig(handle, format="png", dpi=110))
     _pyplot().close(figure)
     return {"json": str(out_dir / f"{stem}.json"), "png": str(out_dir / f"{stem}.png"), "runs": list(runs)}
 

@@ -4,20 +4,21 @@ Reading them back is :mod:`neusub.saved`."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from ..files import TEMP_SUFFIX, written_atomically
-from .errors import CLIError
+from ..files import TEMP_SUFFIX, signals_deferred, written_atomically
+from .errors import CLIError, describe_os_error
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -36,16 +37,18 @@ def _is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write(handle)`` into a temporary file in the same folder, then rename over ``path``;
-    on any failure the temporary file is removed and ``path`` is left as it was."""
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """A file system's refusal while ``path`` is written (a full disk, a name taken meanwhile)
+    as a one-line ``CLIError`` that names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with written_atomically(path) as tmp, open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield
+    except FileExistsError:
+        raise CLIError(
+            f"{path} already exists (another process wrote it meanwhile); nothing was overwritten — "
+            "choose another output path"
+        ) from None
     except (OSError, RuntimeError) as err:
         if _is_disk_full(err):
             kept = f"; {path.name} was left as it was" if path.exists() else ""
@@ -53,12 +56,28 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
                 f"the disk is full: {path} could not be written{kept}; free some space "
                 "(or choose another --out) and run the command again"
             ) from None
+        if isinstance(err, OSError):
+            raise CLIError(describe_os_error(err, f"write {path}")) from None
         raise
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite: bool = True) -> None:
+    """``write(handle)`` into a temporary file in the same folder, then rename over ``path``;
+    on any failure the temporary file is removed and ``path`` is left as it was. Ctrl-C and
+    SIGTERM wait until the file is complete (or removed). ``overwrite=False``: an existing
+    ``path`` is refused, even one that appeared while this was writing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path), signals_deferred():
+        with written_atomically(path, overwrite) as tmp, open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_save(obj: Any, path: str | Path, overwrite: bool = True) -> None:
     """``torch.save`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle), overwrite)
 
 
 def finite_json(obj: Any, indent: int | None = None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ from torch import nn
 from .. import check_equivalence, deploy, saved
 from ..analysis import accuracy, evaluate
 from ..saved import DataInfo, info_dict, info_from_dict
-from .checkpoint import atomic_save, atomic_save_json, atomic_write
+from .checkpoint import atomic_save, atomic_save_json, atomic_write, writing
 from .config import (
     RESUME_CHANGES,
     TrainConfig,
@@ -27,14 +28,15 @@ from .config import (
     config_dict,
     config_from_dict,
     read_config_file,
+    read_settings_text,
     short_run_warnings,
 )
 from .data import load_dataset
 from .distributed import finish, setup_distributed
 from .errors import CLIError, Stopped, library_refusals, stop_code
 from .plots import write_plot
-from .runfolder import ABSENT, CHECKPOINTED, EMPTY, STARTED, RunFolder
-from .trainer import Trainer, save_deployed
+from .runfolder import ABSENT, CHECKPOINTED, CONFIG, EMPTY, FINISHED, STARTED, RunFolder
+from .trainer import Trainer, save_deployed, write_deployed
 
 
 def _resume_config(folder: RunFolder, explicit: dict) -> tuple[TrainConfig, dict]:
@@ -61,6 +63,13 @@ def _claim_run_folder(folder: RunFolder, resume: bool) -> str:
     """The folder's status, refusing what this train command may not write into."""
     status = folder.status()
     folder.refuse_foreign()
+    if status == FINISHED:  # whatever else is missing: training again would replace its results
+        written = " and ".join(folder.finished_files())
+        raise CLIError(
+            f"run folder {folder.path} already holds a run, finished ({written} written); training "
+            "there, with --resume or not, would replace its results, so nothing was changed — evaluate "
+            f"it with `neusub eval {folder.path}`, or train again (or for more epochs) with another --out"
+        )
     if status in (STARTED, CHECKPOINTED) and not resume:
         raise CLIError(
             f"run folder {folder.path} already holds a run; "
@@ -97,7 +106,7 @@ def train(
     main = int(os.environ.get("RANK", "0")) == 0  # DDP: rank 0 owns the folder, the others follow
     cfg = None if resume else build_config({}, {**explicit, "out": out})  # checked before any write
     if not main:
-        status = folder.status()
+        status = _claim_run_folder(folder, resume) if resume else folder.status()
         cfg, _ = _resume_config(folder, explicit) if resume else (cfg, {})
         return _train_in(folder, cfg, status, {}, progress, stop_after)
     _claim_run_folder(folder, resume)
@@ -173,15 +182,42 @@ def _checkpoint_path(path: str) -> Path:
 
 def load_run_model(path: str) -> tuple[nn.Module, TrainConfig, DataInfo, bool]:
     """``(model, config, info, deployed?)`` from a training checkpoint, a deployed file or a
-    torchvision export (then the model is the ``torchvision.models.ResNet``)."""
+    torchvision export (then the model is the ``torchvision.models.ResNet``). Weights that hold
+    NaN or inf are refused: nothing a command computes from them would mean anything."""
     file = _checkpoint_path(path)
     with library_refusals():
         ckpt = saved.read(file, saved.MODEL_FORMATS)
         settings, info = saved.settings_of(ckpt, file)
     cfg = config_from_dict(settings, f"{file}: config")
+    if Path(path).is_dir():
+        _refuse_another_runs_checkpoint(Path(path), cfg)
     with library_refusals():
         model = saved.model_from(ckpt, cfg, info, str(file))
+        saved.refuse_non_finite(model.state_dict(), str(file))
     return model, cfg, info, ckpt["format"] != saved.CHECKPOINT_FORMAT
+
+
+def _refuse_another_runs_checkpoint(run_dir: Path, cfg: TrainConfig) -> None:
+    """A run folder's ``last.pt`` must be the run its ``config.json`` records (a resume may have
+    changed the settings of ``RESUME_CHANGES`` since the checkpoint was written)."""
+    try:
+        recorded = json.loads(read_settings_text(run_dir / CONFIG))
+    except (CLIError, ValueError):
+        return  # no readable config.json: the checkpoint's own settings are all there is
+    if not isinstance(recorded, dict):
+        return
+    ours = config_dict(cfg)
+    differ = [
+        f"{key}={ours[key]!r} in last.pt, {recorded[key]!r} in {CONFIG}"
+        for key in recorded
+        if key in ours and key not in (*RESUME_CHANGES, "out", "resume") and recorded[key] != ours[key]
+    ]
+    if differ:
+        raise CLIError(
+            f"{run_dir / 'last.pt'} belongs to another run than {run_dir / CONFIG} "
+            f"({'; '.join(differ[:3])}); nothing was evaluated — restore the run's own last.pt, or pass "
+            "the file itself to use it as it is"
+        )
 
 
 ONNX_CONFIG, ONNX_INFO = "neusub.config", "neusub.info"  # metadata keys of exported ONNX files
@@ -206,7 +242,34 @@ def _load_onnx_model(path: str) -> tuple[object, TrainConfig, DataInfo, str]:
             info = info_from_dict(json.loads(model.metadata[ONNX_INFO]), f"{path}: metadata")
     except json.JSONDecodeError as err:
         raise CLIError(f"{path}: its neusub metadata is not valid JSON ({err})") from None
+    _refuse_another_graph(model, info, path)
+    bad = model.non_finite_weights()
+    if bad:
+        raise CLIError(
+            f"{path} holds non-finite weights (NaN or inf in {bad[0]}); its outputs would be meaningless — "
+            "export the run's last checkpoint again (`neusub train` keeps only finite ones)"
+        )
     return model, cfg, info, "onnx-int8" if model.quantized else "onnx"
+
+
+def _refuse_another_graph(model, info: DataInfo, path: str) -> None:
+    """The graph must be the network the file's neusub metadata describes: a float input of a
+    dynamic batch of the run's samples, and float logits, one per class."""
+    outputs = model.session.get_outputs()
+    declared = model.input_shape
+    if (
+        tuple(declared[1:]) != tuple(info.input_shape)
+        or isinstance(declared[0], int)
+        or tuple(model.sample_output_shape or ()) != (1, info.num_classes)
+        or outputs[0].type != "tensor(float)"
+    ):
+        sample = ", ".join(map(str, info.input_shape))
+        raise CLIError(
+            f"{path} carries the neusub metadata of a network from inputs (batch, {sample}) to "
+            f"{info.num_classes} float logits, but its graph takes {tuple(declared)} and gives "
+            f"{outputs[0].type} of shape {model.sample_output_shape} per sample: the metadata belongs to "
+            "another file — evaluate the file `neusub export` wrote"
+        )
 
 
 def cmd_eval(
@@ -246,7 +309,14 @@ def cmd_eval(
 
     loader = torch.utils.data.DataLoader(take_subset(val_set, samples), batch_size=256)
     batches = tqdm(loader, desc=f"eval ({kind})", disable=not progress, leave=False)
-    result = evaluate(model, batches)
+    with library_refusals():  # an ONNX file onnxruntime cannot run on this data
+        result = evaluate(model, batches)
+    if not math.isfinite(result["val_loss"]):
+        raise CLIError(
+            f"{path} outputs NaN or inf on the validation data of {cfg.dataset!r} (accuracy "
+            f"{result['val_acc']:.4f} on {result['samples']} samples is meaningless); its weights or "
+            "statistics are broken — evaluate an earlier checkpoint"
+        )
     return {
         "val_acc": result["val_acc"],
         "val_loss": result["val_loss"],
@@ -266,8 +336,10 @@ def cmd_deploy(path: str, out: str) -> dict:
     target = Path(out)
     if target.exists():
         raise CLIError(f"{target} already exists; choose another output path (nothing was overwritten)")
-    plain = save_deployed(model, cfg, info, target)
-    error = check_equivalence(model, _example_input(info), plain)
+    plain = deploy(model)
+    with library_refusals():  # outputs that overflow: refused before anything is written
+        error = check_equivalence(model, _example_input(info), plain)
+    write_deployed(plain, cfg, info, target, overwrite=False)  # another deploy may race this one
     return {
         "out": str(target),
         "equivalence_error": error,
@@ -310,24 +382,12 @@ def cmd_export(
     plain = model if deployed else deploy(model)
     example = _example_input(info, 1)
     if fmt == "onnx":
-        metadata = {ONNX_CONFIG: json.dumps(config_dict(cfg)), ONNX_INFO: json.dumps(info_dict(info))}
-        try:
-            export.to_onnx(plain, target, tuple(example.shape), metadata=metadata)
-            if int8:
-                batches = _calibration_batches(cfg, calibration_samples)
-                export.to_onnx_int8(target, quantized, batches)
-        except ImportError as err:
-            raise CLIError(str(err)) from None
-        if int8:
-            samples = sum(map(len, batches))
-            return {"out": str(target), "int8": str(quantized), "calibration_samples": samples, "format": fmt}
-    elif fmt == "torchvision":
+        return _export_onnx(plain, cfg, info, target, quantized if int8 else None, calibration_samples)
+    if fmt == "torchvision":
         if deployed:
             raise CLIError("torchvision export needs the training checkpoint (last.pt), not a deployed file")
-        try:
+        with library_refusals():
             tv = export.to_torchvision(model)
-        except ValueError as err:
-            raise CLIError(str(err)) from None
         state = {
             "format": saved.TORCHVISION_FORMAT,
             "arch": cfg.model,
@@ -335,13 +395,42 @@ def cmd_export(
             "config": config_dict(cfg),
             "info": info_dict(info),
         }
-        atomic_save(state, target)
+        atomic_save(state, target, overwrite=False)  # another export may race this one
     else:
         with warnings.catch_warnings():  # TorchScript's deprecation notices: the file is still what was asked
             warnings.simplefilter("ignore", FutureWarning)
             scripted = torch.jit.trace(plain, example)
-            atomic_write(target, lambda handle: torch.jit.save(scripted, handle))
+            atomic_write(target, lambda handle: torch.jit.save(scripted, handle), overwrite=False)
     return {"out": str(target), "format": fmt}
+
+
+def _export_onnx(
+    plain: nn.Module, cfg: TrainConfig, info: DataInfo, target: Path, quantized: Path | None, samples: int
+) -> dict:
+    """``export --format onnx [--int8]``: the float file (and the INT8 one); never one without the other."""
+    from .. import export
+
+    metadata = {ONNX_CONFIG: json.dumps(config_dict(cfg)), ONNX_INFO: json.dumps(info_dict(info))}
+    with library_refusals(), writing(target):
+        try:
+            export.to_onnx(plain, target, (1, *info.input_shape), metadata=metadata, overwrite=False)
+        except ImportError as err:
+            raise CLIError(str(err)) from None
+    if quantized is None:
+        return {"out": str(target), "format": "onnx"}
+    try:
+        batches = _calibration_batches(cfg, samples)
+        with library_refusals(), writing(quantized):
+            export.to_onnx_int8(target, quantized, batches, overwrite=False)
+    except BaseException:
+        target.unlink(missing_ok=True)  # this command wrote it: an --int8 export that failed leaves neither
+        raise
+    return {
+        "out": str(target),
+        "int8": str(quantized),
+        "calibration_samples": sum(map(len, batches)),
+        "format": "onnx",
+    }
 
 
 # ---------------------------------------------------------------------- demo

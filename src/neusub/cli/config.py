@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..files import read_regular_file
 from .errors import CLIError
 
 # Appendix B, Table 7 (batch sizes are the paper's; override with --batch-size on small machines).
@@ -170,6 +171,27 @@ def _optimizers() -> list[str]:
     return list_optimizers()
 
 
+def _augment_spec(label: str, value: str) -> str | None:
+    """A spec timm's ``create_transform`` takes (it dispatches on the prefix the same way)."""
+    from timm.data import auto_augment
+
+    if value.startswith("rand"):
+        make = auto_augment.rand_augment_transform
+    elif value.startswith("augmix"):
+        make = auto_augment.augment_and_mix_transform
+    else:
+        make = auto_augment.auto_augment_transform
+    try:
+        make(value, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except Exception as err:  # timm asserts (AssertionError) or fails to parse a number (ValueError)
+        reason = f" ({err})" if str(err) else ""
+        return (
+            f"{label}={value!r} is not an augmentation timm knows{reason}; use a RandAugment spec such as "
+            "rand-m9-mstd0.5 (or augmix-m5, or an AutoAugment policy: v0, original)"
+        )
+    return None
+
+
 def _non_empty(label: str, value: str) -> str | None:
     return None if value.strip() else f"{label} is empty; give a folder path"
 
@@ -222,7 +244,9 @@ class TrainConfig:
     img_size: int = option(32, "image size (imagefolder)", between(1, 4096))
     label_smoothing: float = option(0.0, "label smoothing", between(0, 1, open_high=True))
     auto_augment: str | None = option(None, "AutoAugment policy for CIFAR", one_of(("cifar10",)))
-    rand_augment: str | None = option(None, "timm RandAugment spec for imagefolder (e.g. rand-m7-mstd0.5)")
+    rand_augment: str | None = option(
+        None, "timm RandAugment spec for imagefolder (e.g. rand-m7-mstd0.5)", _augment_spec
+    )
     mixup: float = option(0.0, "mixup alpha", at_least(0))
     cutmix: float = option(0.0, "cutmix alpha", at_least(0))
     bce: float | None = option(None, "binary cross-entropy target threshold", between(0, 1))
@@ -246,9 +270,10 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in fields(TrainConfig)}
-# Settings a resume may change: where the data is and how the run is checkpointed, nothing
-# that changes what is computed (a resumed run ends bit-identical to an uninterrupted one).
-RESUME_CHANGES = ("data", "workers", "ckpt_steps", "download")
+# Settings a resume may change: where the data is and how the run is checkpointed, which change
+# nothing that is computed (a resumed run ends bit-identical to an uninterrupted one), and the
+# peak learning rate, so that a run that diverged continues from its last (finite) checkpoint.
+RESUME_CHANGES = ("data", "workers", "ckpt_steps", "download", "lr")
 
 
 def _types() -> dict[str, tuple[type, bool]]:
@@ -322,29 +347,41 @@ def config_from_dict(values: dict[str, Any], where: str) -> TrainConfig:
     return TrainConfig(**check_values(values, where))
 
 
+CONFIG_FILE_LIMIT = 2**24  # bytes: settings fit in far less; a larger "config" is not one
+
+
+def read_settings_text(file: Path) -> str:
+    """The text of a settings file (config, grid), read only if it is a regular file of at
+    most :data:`CONFIG_FILE_LIMIT` bytes (a FIFO or ``/dev/zero`` would hang or fill memory)."""
+    try:
+        return read_regular_file(file, CONFIG_FILE_LIMIT, "settings").decode()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"{file} cannot be read ({err})") from None
+    except ValueError as err:  # not a regular file, or too large: the message names it
+        raise CLIError(str(err)) from None
+
+
 def load_toml(file: Path) -> dict[str, Any]:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     try:
-        return tomllib.loads(file.read_text())
+        return tomllib.loads(read_settings_text(file))
     except tomllib.TOMLDecodeError as err:
         raise CLIError(f"{file} is not valid TOML ({err})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise CLIError(f"{file} cannot be read ({err})") from None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise CLIError(f"config file {path} does not exist")
     if file.suffix == ".toml":
         values = load_toml(file)
     else:
         try:
-            values = json.loads(file.read_text())
-        except (ValueError, OSError) as err:
+            values = json.loads(read_settings_text(file))
+        except ValueError as err:
             raise CLIError(f"config file {path} cannot be parsed ({err}); use JSON or TOML") from None
     return check_values(values, f"config file {path}")
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset, TensorDataset
 
+from ..files import first_line
 from ..saved import DataInfo
 from .checkpoint import atomic_write
 from .errors import CLIError
@@ -131,7 +132,7 @@ def _load_split(root: Path, split: str, path: str) -> tuple[torch.Tensor, torch.
     except CLIError:
         raise
     except Exception as err:  # unreadable, a pickle, missing keys, not numbers
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        reason = first_line(err, 120)
         raise _unusable("features", path, f"{split}: {reason}") from None
     if not (x.is_floating_point() or x.dtype in _INT_DTYPES) or y.dtype not in _INT_DTYPES:
         raise _unusable("features", path, f"{split}: features must be numbers and labels integers")
@@ -216,7 +217,7 @@ def load_dataset(
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise _missing(dataset, str(path), f" ({err})") from None
     except (OSError, ValueError) as err:  # --download without network (URLError is an OSError), bad files
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         action = "download failed" if download else "cannot be read"
         raise _missing(dataset, str(path), f" ({action}: {reason})") from None
     return train_set, val_set, info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 
 
@@ -37,3 +38,20 @@ class Stopped(Exception):
 def stop_code(interrupt: KeyboardInterrupt) -> int:
     """The shell's exit code for the signal: 128 + SIGTERM (15) or SIGINT (2)."""
     return 143 if isinstance(interrupt, Terminated) else 130
+
+
+def describe_os_error(err: OSError, doing: str) -> str:
+    """``cannot <doing> (<reason>)``, with the usual way out for the common reasons."""
+    reason = err.strerror or str(err)
+    hint = {
+        errno.ENAMETOOLONG: "use a shorter name",
+        errno.EROFS: "it is on a read-only file system; choose a writable place",
+        errno.EACCES: "you may not write there; choose a writable place",
+        errno.EPERM: "you may not write there; choose a writable place",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "a part of the path is a file, not a folder",
+        errno.ENOSPC: "the disk is full; free some space",
+        errno.ENOENT: "a part of the path does not exist and cannot be created there",
+    }.get(err.errno, "choose another place")
+    where = f" {err.filename}" if err.filename and str(err.filename) not in doing else ""
+    return f"cannot {doing}{where} ({reason}): {hint}"

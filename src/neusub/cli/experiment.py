@@ -47,8 +47,8 @@ import torch
 from .analyze import run_label
 from .checkpoint import atomic_save_json, atomic_write
 from .config import FIELDS, build_config, check_values, config_dict, load_toml
-from .errors import CLIError, Stopped, stop_code
-from .runfolder import CHECKPOINTED, STARTED, RunFolder, describe_os_error, epoch_records
+from .errors import CLIError, Stopped, describe_os_error, stop_code
+from .runfolder import CHECKPOINTED, FINISHED, STARTED, RunFolder, epoch_records
 
 # Fields that make the columns of the tables (how layers are connected); the rest make rows.
 COLUMN_FIELDS = ("connectivity", "stochastic", "neural_drop", "guided")
@@ -145,13 +145,14 @@ def _settings_key(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prepare(run_dir: Path, cfg: dict[str, Any]) -> str:
-    """``done`` / ``resume`` / ``new`` for a run folder; refuses one made with other settings.
+    """``done`` / ``finished`` (trained and deployed, no ``result.json`` yet) / ``resume`` / ``new``
+    for a run folder; refuses one made with other settings.
 
     A run stopped before its first checkpoint is resumed too: ``neusub train --resume`` starts it
     again in place. Nothing is deleted here."""
     folder = RunFolder(run_dir)
     status = folder.status()
-    if status in (STARTED, CHECKPOINTED):
+    if status in (STARTED, CHECKPOINTED, FINISHED):
         old = _settings_key(folder.saved_config())
         new = _settings_key(cfg)
         changed = {k: (old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)}
@@ -160,13 +161,30 @@ def _prepare(run_dir: Path, cfg: dict[str, Any]) -> str:
                 f"run {run_dir} was made with other settings ({changed}: saved, now); "
                 "use another --out, or remove that run folder to redo it"
             )
-        return "done" if (run_dir / "result.json").is_file() else "resume"
+        if (run_dir / "result.json").is_file():
+            return "done"
+        return "finished" if status == FINISHED else "resume"
     return "new"
+
+
+def _equivalence_error(run_dir: Path) -> float | None:
+    """The equivalence error of a finished run's checkpoint and ``deployed.pt`` (None without ``last.pt``)."""
+    from .. import check_equivalence
+    from .analyze import val_batches
+    from .commands import load_run_model
+
+    if not (run_dir / "last.pt").is_file():
+        return None
+    model, cfg, _, _ = load_run_model(str(run_dir))
+    plain, *_ = load_run_model(str(run_dir / "deployed.pt"))
+    return check_equivalence(model, val_batches(cfg, 64)[0][0], plain)
 
 
 def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> tuple[dict, str]:
     """Train (or resume) one run, evaluate its deployed network, write ``result.json``;
-    ``(result, "done" | "resume" | "new")`` (done: finished before, skipped)."""
+    ``(result, "done" | "finished" | "resume" | "new")`` (done: finished before, skipped;
+    finished: trained before, only evaluated now). ``threads``: torch's intra-op threads, which
+    decide how CPU sums are split, so the run's numbers depend on them (not on where it runs)."""
     from ..analysis import accuracy
     from .analyze import val_batches
     from .commands import load_run_model, train
@@ -177,8 +195,11 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
     if state == "done":
         return json.loads((path / "result.json").read_text()), state
     start = time.perf_counter()
-    flags = {**settings, "out": str(path), "resume": state == "resume"}
-    record = train({k: v for k, v in flags.items() if k in FIELDS})
+    if state == "finished":  # never trained again: that would replace its results
+        record = {"equivalence_error": _equivalence_error(path)}
+    else:
+        flags = {**settings, "out": str(path), "resume": state == "resume"}
+        record = train({k: v for k, v in flags.items() if k in FIELDS})
     # The last epoch's record (a resumed run that had finished training returns none itself).
     last = epoch_records(path)[-1]
     plain, cfg, _, _ = load_run_model(str(path / "deployed.pt"))
@@ -193,7 +214,8 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
         "train_acc": last["train_acc"],
         "equivalence_error": record["equivalence_error"],
         "train_seconds": round(time.perf_counter() - start, 1),
-        "resumed": state == "resume",
+        "resumed": state != "new",
+        "threads": threads,
     }
     atomic_save_json(result, path / "result.json")
     return result, state
@@ -326,9 +348,11 @@ def _claim_experiment_folder(out_dir: Path) -> RunFolder:
     return folder
 
 
-def cmd_experiment(grid_file: str, out: str, jobs: int = 1, progress: bool = True) -> dict:
+def cmd_experiment(grid_file: str, out: str, jobs: int = 1, progress: bool = True, threads: int = 1) -> dict:
+    """Train every run of the grid, ``jobs`` at a time, each with ``threads`` intra-op threads
+    (fixed whatever ``jobs`` is: each run's numbers depend on its thread count)."""
     file = Path(grid_file)
-    if not file.is_file():
+    if not file.exists():
         raise CLIError(f"grid file {grid_file} does not exist")
     runs, axes = expand_grid(load_toml(file))
     for name, settings in runs:  # every run's settings must be valid before anything starts
@@ -336,8 +360,9 @@ def cmd_experiment(grid_file: str, out: str, jobs: int = 1, progress: bool = Tru
             build_config(settings, {})
         except CLIError as err:
             raise CLIError(f"run {name}: {err}") from None
-    if jobs < 1:
-        raise CLIError(f"--jobs={jobs} is out of range; use an integer >= 1")
+    for flag, value in (("--jobs", jobs), ("--threads", threads)):
+        if value < 1:
+            raise CLIError(f"{flag}={value} is out of range; use an integer >= 1")
     if not out.strip():
         raise CLIError("--out is empty; give the experiment folder")
     out_dir = Path(out)
@@ -347,11 +372,13 @@ def cmd_experiment(grid_file: str, out: str, jobs: int = 1, progress: bool = Tru
             (out_dir / "runs").mkdir(exist_ok=True)
         except OSError as err:
             raise CLIError(describe_os_error(err, f"create {out_dir / 'runs'}")) from None
-        return _run_grid(file, out_dir, runs, axes, jobs, progress)
+        return _run_grid(file, out_dir, runs, axes, (jobs, threads), progress)
 
 
-def _run_grid(file: Path, out_dir: Path, runs: list, axes: list[str], jobs: int, progress: bool) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+def _run_grid(
+    file: Path, out_dir: Path, runs: list, axes: list[str], workers: tuple[int, int], progress: bool
+) -> dict:
+    jobs, threads = workers
     results: list[dict] = []
     start = time.perf_counter()
 

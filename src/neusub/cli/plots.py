@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .runfolder import epoch_records
 
 
@@ -31,6 +32,6 @@ def write_plot(run_dir: Path) -> Path | None:
         ax.legend()
     fig.tight_layout()
     path = run_dir / "curves.png"
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     plt.close(fig)
     return path

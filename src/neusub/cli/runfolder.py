@@ -1,26 +1,28 @@
 """Run folders: what a folder holds, and one writer at a time.
 
-A *run folder* is one that ``neusub train`` made: it holds ``config.json`` (written first)
-and, once the first checkpoint is written, ``last.pt``. Rules that keep every run safe:
+A *run folder* is one that ``neusub train`` made: it holds ``config.json`` (written first),
+once the first checkpoint is written ``last.pt``, and once training ended ``deployed.pt``
+(``neusub demo`` adds ``summary.json``). Rules that keep every run safe:
 
 - a folder that is not empty and not a run is never written into (it may hold someone's files);
 - one process writes a run folder at a time: an OS lock (``flock``) on the folder itself,
   released by the kernel when the process dies, however it dies;
 - nothing deletes a folder it did not create in the same call; the only files removed are
-  the temporary files of an interrupted atomic write.
+  the temporary files of an interrupted atomic write;
+- a finished run is never trained again (``--resume`` would replace its results), whatever
+  else is missing from it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoint import temp_files
-from .errors import CLIError
+from .errors import CLIError, describe_os_error
 
 try:
     import fcntl
@@ -30,9 +32,11 @@ except ImportError:  # Windows: no advisory locks; a second writer is not detect
 CONFIG = "config.json"
 CHECKPOINT = "last.pt"
 METRICS = "metrics.jsonl"
+RESULTS = ("deployed.pt", "summary.json")  # written once training ended: the run is finished
 
 # What a folder holds, as far as training is concerned.
 ABSENT, EMPTY, STARTED, CHECKPOINTED, FOREIGN = "absent", "empty", "started", "checkpointed", "foreign"
+FINISHED = "finished"
 
 
 def epoch_records(run_dir: str | Path) -> list[dict]:
@@ -46,23 +50,6 @@ def epoch_records(run_dir: str | Path) -> list[dict]:
         if isinstance(record, dict) and "epoch" in record:
             records.append({k: float("nan") if v is None else v for k, v in record.items()})
     return records
-
-
-def describe_os_error(err: OSError, doing: str) -> str:
-    """``cannot <doing> (<reason>)``, with the usual way out for the common reasons."""
-    reason = err.strerror or str(err)
-    hint = {
-        errno.ENAMETOOLONG: "use a shorter name",
-        errno.EROFS: "it is on a read-only file system; choose a writable place",
-        errno.EACCES: "you may not write there; choose a writable place",
-        errno.EPERM: "you may not write there; choose a writable place",
-        errno.ENOTDIR: "a part of the path is a file, not a folder",
-        errno.EEXIST: "a part of the path is a file, not a folder",
-        errno.ENOSPC: "the disk is full; free some space",
-        errno.ENOENT: "a part of the path does not exist and cannot be created there",
-    }.get(err.errno, "choose another place")
-    where = f" {err.filename}" if err.filename and str(err.filename) not in doing else ""
-    return f"cannot {doing}{where} ({reason}): {hint}"
 
 
 class RunFolder:
@@ -85,16 +72,24 @@ class RunFolder:
 
     def status(self) -> str:
         """``absent`` / ``empty`` / ``started`` (config, no checkpoint yet) / ``checkpointed`` /
-        ``foreign`` (a folder or file that ``neusub train`` did not make)."""
+        ``finished`` (training ended: ``deployed.pt`` or ``summary.json``, whatever else is
+        missing) / ``foreign`` (a folder or file that ``neusub train`` did not make)."""
         if not self.path.exists():
             return ABSENT
         if not self.path.is_dir():
             return FOREIGN
+        ours = self.checkpoint.is_file() or (self.config_file.is_file() and self._config_is_ours())
+        if ours and any((self.path / name).is_file() for name in RESULTS):
+            return FINISHED
         if self.checkpoint.is_file():
             return CHECKPOINTED
         if self.config_file.is_file():
-            return STARTED if self._config_is_ours() else FOREIGN
+            return STARTED if ours else FOREIGN
         return EMPTY if not any(self.path.iterdir()) else FOREIGN
+
+    def finished_files(self) -> list[str]:
+        """The files that show the run finished (see :data:`RESULTS`)."""
+        return [name for name in RESULTS if (self.path / name).is_file()]
 
     def _config_is_ours(self) -> bool:
         try:

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 
 from .. import deploy, saved
 from ..analysis import evaluate
+from ..files import first_line, signals_deferred
 from ..saved import CHECKPOINT_FORMAT, DataInfo, info_dict
 from . import distributed
-from .checkpoint import atomic_save, atomic_write, finite_json, rng_state, set_rng_state
+from .checkpoint import atomic_save, atomic_write, finite_json, rng_state, set_rng_state, writing
 from .config import TrainConfig, config_dict
 from .data import SeededBatches, load_dataset, take_subset
 from .distributed import Dist
@@ -199,9 +200,10 @@ class Trainer:
     def save(self) -> None:
         self.check_finite()
         distributed.broadcast_buffers(self.model, self.env)
-        if self.env.main:
-            atomic_save(self.state(), self.run_dir / "last.pt")
-        self.saved_step = self.global_step
+        with signals_deferred():  # a Ctrl-C now stops the run after this checkpoint, and says so
+            if self.env.main:
+                atomic_save(self.state(), self.run_dir / "last.pt")
+            self.saved_step = self.global_step
         distributed.barrier(self.env)
 
     def kept(self) -> str:
@@ -214,19 +216,26 @@ class Trainer:
         """Refuse to go on (or save) with NaN / inf weights: the last good checkpoint stays."""
         for name, tensor in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise CLIError(
-                    f"the weights became non-finite (NaN or inf in {name}) by step {self.global_step}; "
-                    f"{self.kept()}; lower --lr (or disable --amp) and start a new run"
-                )
+                raise self.diverged(f"the weights became non-finite (NaN or inf in {name}) by step")
+
+    def diverged(self, what: str) -> CLIError:
+        """The error that stops a diverging run: what is kept, and the resume that continues it."""
+        return CLIError(
+            f"{what} {self.global_step}; {self.kept()}: continue at a lower learning rate with "
+            f"`neusub train --resume --out {self.run_dir} --lr {self.cfg.lr / 10:.3g}` (or without --amp)"
+        )
 
     def load(self, path: Path) -> None:
         """Continue from the checkpoint at ``path`` (written by :meth:`save` of this run)."""
         ckpt = read_checkpoint(path, self.cfg)
         with library_refusals():
             saved.load_weights(self.model, ckpt["model"], f"checkpoint {path}")
+        # a resume at another peak lr (after a divergence) keeps the fresh schedule built for it
+        new_lr = ckpt["config"].get("lr") != self.cfg.lr
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if not new_lr:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
             if self.ema is not None and ckpt["ema"] is not None:
                 self.ema.load_state_dict(ckpt["ema"])
@@ -236,13 +245,17 @@ class Trainer:
             totals = {k: ckpt["totals"][k] for k in ("loss", "correct", "count")}
             set_rng_state(ckpt["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise CLIError(
                 f"checkpoint {path} is malformed ({first}); it was not written by this version of "
                 "`neusub train` (or was changed); start a new run"
             ) from None
         self.epoch, self.step, self.global_step, self.metric_lines = counters
         self.totals, self.saved_step = totals, self.global_step
+        if new_lr:  # the optimizer's groups hold the old schedule's rates: set the new one's
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.cfg.lr
+            self.scheduler.step_update(num_updates=self.global_step)
         metrics = self.run_dir / METRICS
         if self.env.main and metrics.exists():  # drop lines logged after the checkpoint
             lines = metrics.read_text().splitlines(keepends=True)[: self.metric_lines]
@@ -250,7 +263,7 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if self.env.main:
-            with open(self.run_dir / METRICS, "a") as handle:
+            with writing(self.run_dir / METRICS), open(self.run_dir / METRICS, "a") as handle:
                 handle.write(finite_json(record) + "\n")
         self.metric_lines += 1
 
@@ -272,10 +285,7 @@ class Trainer:
             logits = self.net(x)
             loss = self.loss_fn(logits, target)
         if not math.isfinite(loss.item()):
-            raise CLIError(
-                f"the loss became {loss.item()} at step {self.global_step}; {self.kept()}; "
-                "lower --lr (or disable --amp) and start a new run"
-            )
+            raise self.diverged(f"the loss became {loss.item()} at step")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -356,11 +366,19 @@ class Trainer:
 def save_deployed(model: nn.Module, cfg: TrainConfig, info: DataInfo, path: Path) -> nn.Module:
     """``deploy(model)``, written to ``path`` as a :data:`neusub.saved.DEPLOYED_FORMAT` file."""
     deployed = deploy(model)
+    write_deployed(deployed, cfg, info, path)
+    return deployed
+
+
+def write_deployed(
+    deployed: nn.Module, cfg: TrainConfig, info: DataInfo, path: Path, overwrite: bool = True
+) -> None:
+    """The deployed network of a run, written to ``path`` as a :data:`neusub.saved.DEPLOYED_FORMAT`
+    file (``overwrite=False``: an existing ``path`` is refused, see :func:`atomic_write`)."""
     state = {
         "format": saved.DEPLOYED_FORMAT,
         "config": config_dict(cfg),
         "info": info_dict(info),
         "state_dict": deployed.state_dict(),
     }
-    atomic_save(state, path)
-    return deployed
+    atomic_save(state, path, overwrite)

@@ -44,8 +44,8 @@ def register_model(
     """Add a model: ``builder(factory, **kwargs) -> nn.Module`` with timm's model API; timm builds
     it as ``neusub_<name>``. ``pretrained_cfg``: what differs from a 224² ImageNet classifier whose
     first conv is ``conv1`` and classifier ``fc`` (timm's keys: ``input_size``, ``mean``, ...)."""
-    register_with_timm(name, pretrained_cfg or {})
     _MODELS[name] = (builder, default_recipe)
+    register_with_timm(name, lambda **kwargs: create_model(name, **kwargs), pretrained_cfg or {})
 
 
 for _name in RESNETS:
