@@ -13,26 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn, rel_err
+from helpers import SMALL, randomize_bn, rel_err, small_model
 from torch import Tensor, nn
 
 import neusub
 
 MODELS = neusub.list_models()
 BENCHMARKED = ["resnet18", "resnet50", "mobilenet_v1", "mobileone_s0"]
-KWARGS = {"num_classes": 5, "width_mult": 0.125, "stem": "cifar"}
-TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
 BatchNorm = nn.modules.batchnorm._BatchNorm
-STEPS = 5
-
-
-def built(name: str, dtype: torch.dtype = torch.float32, recipe: str | None = None) -> nn.Module:
-    """The model with random BatchNorm parameters and statistics (every BN a real affine map),
-    in eval mode. (Deploying after training steps is test_models.py's subject.)"""
-    torch.manual_seed(0)
-    model = neusub.create_model(name, recipe=recipe, **KWARGS).to(dtype)
-    randomize_bn(model)
-    return model.eval()
+STEPS = 3
 
 
 def example(model: nn.Module, batch: int = 3) -> Tensor:
@@ -44,26 +33,28 @@ def norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BatchNorm)]
 
 
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 # --------------------------------------------------------------------------- fold_norms
 
 
-@pytest.mark.parametrize(
-    "name, dtype",
-    [(name, torch.float64) for name in MODELS] + [(name, torch.float32) for name in BENCHMARKED],
-)
-def test_fold_norms_computes_the_deployed_network(name, dtype):
-    model = built(name, dtype)
-    deployed, folded = neusub.deploy(model), neusub.deploy(model, fold_norms=True)
+@pytest.mark.parametrize("name", MODELS)
+def test_fold_norms_computes_the_deployed_network(name):
+    model = small_model(name).eval()  # random BatchNorms: each a real affine map
+    deployed, x = neusub.deploy(model), example(model)
+    if name in BENCHMARKED:  # from the training structure, in fp32
+        folded = neusub.deploy(model, fold_norms=True)
+        with torch.no_grad():
+            assert rel_err(folded(x), deployed(x)) <= 1e-5 and rel_err(folded(x), model(x)) <= 1e-4
+    deployed = deployed.double()  # in fp64 (the exactness of the fold alone), from the deployed network
+    folded = neusub.deploy(deployed, fold_norms=True)
     assert type(folded) is type(deployed) and not norms(folded)
     removed = sum(2 * bn.num_features for bn in norms(deployed))  # weight and bias of each BN
-    assert sum(p.numel() for p in folded.parameters()) <= sum(p.numel() for p in deployed.parameters())
-    assert sum(p.numel() for p in deployed.parameters()) - removed <= sum(
-        p.numel() for p in folded.parameters()
-    )
-    x = example(model)
+    assert parameter_count(deployed) - removed <= parameter_count(folded) <= parameter_count(deployed)
     with torch.no_grad():
-        assert rel_err(folded(x), deployed(x)) <= TOL[dtype]
-        assert rel_err(folded(x), model(x)) <= 10 * TOL[dtype]
+        assert rel_err(folded(x.double()), deployed(x.double())) <= 1e-9
 
 
 class _SharedOutput(nn.Module):
@@ -116,11 +107,11 @@ def test_fold_norms_refuses_a_network_it_cannot_trace():
 # --------------------------------------------------------------------------- fine-tuning
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v1", "mobileone_s0", "mlp_adapter"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v1", "mlp_adapter"])
 def test_the_deployed_network_fine_tunes_as_an_ordinary_model(name):
-    deployed = neusub.deploy(built(name, recipe="dbb"))
+    deployed = neusub.deploy(small_model(name))
     torch.manual_seed(1)
-    fresh = neusub.deploy(neusub.create_model(name, recipe="plain", connectivity="block", **KWARGS))
+    fresh = neusub.deploy(neusub.create_model(name, recipe="plain", connectivity="block", **SMALL))
     assert type(fresh) is type(deployed)
     fresh.load_state_dict(deployed.state_dict())  # the class's own layout
     assert all(p.requires_grad for p in deployed.parameters())

@@ -1,19 +1,20 @@
 """torch.fx on converted models: traced graphs hand out plain tensors, as the model does.
 
-A model made by :func:`neusub.convert` returns plain tensors because a hook of its own merges
-the bundles in its output (their stream sums). A ``torch.fx`` graph traced from it (by
-``symbolic_trace``, torchvision's or timm's ``create_feature_extractor``) runs the same ops on
-the same bundles, but the root's hooks are not part of the graph, and a feature extractor may
-return any inner node. So:
+A model made by :func:`neusub.convert` returns plain tensors because its entry points
+(``forward``, ``forward_features``, ...) merge the bundles in their output (their stream sums).
+A ``torch.fx`` graph traced from it (by ``symbolic_trace``, torchvision's or timm's
+``create_feature_extractor``) runs the same ops on the same bundles, but the tracer calls the
+class's ``forward``, not the root's entry point, and a feature extractor may return any inner
+node. So:
 
 - the graph of a converted root gets a code generator whose ``return`` merges every bundle
   in the output (:class:`PlainOutputs`), whatever nodes the output is made of later: the
   values are the sums the eager model would hand out, computed by the same ``streams.sum(0)``;
 - a converted model that is a submodule of the traced root merges its output in the graph
-  itself (a call of :func:`plain` after its last node), as its hook does in eager mode.
+  itself (a call of :func:`plain` after its last node), as its entry point does in eager mode.
 
 Models converted with ``guided=False`` (the paper's ablation) are refused: their activations
-follow a flag that their entry hook sets, which a graph does not run.
+follow a flag that their entry point sets, which a graph does not run.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def trace_bundles(tracer: torch.fx.Tracer) -> None:
     converted model, its graph returns plain tensors (see the module doc)."""
     root = getattr(tracer, "root", None)
     if getattr(root, "neusub_conversion", None) is None:
-        return  # a converted submodule: its exit hook merges in the graph (leave_traced)
+        return  # a converted submodule: its entry point merges in the graph (leave_traced)
     _check_guided(root)
     codegen = tracer.graph._codegen
     if not isinstance(codegen, PlainOutputs):  # the class, not the object: it keeps its state
