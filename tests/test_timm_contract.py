@@ -32,9 +32,10 @@ from neusub.fx import plain as fx_plain
 from neusub.models import LayerFactory, StagedClassifier
 
 MODELS = neusub.list_models()
-# One model of each builder (timm's features model converted; a FeatureNet; the adapter's):
-# where a check is the same code for the others, it runs on these alone.
-ONE_PER_BUILDER = ("resnet18", "mobilenet_v1", "mlp_adapter")
+# One model per code path (a converted timm ResNet; a StagedClassifier, whose features model is a
+# FeatureNet: MobileNet-V1 and MobileOne; the adapters' TrunkAndHead): where a check runs the
+# same code for the others, it runs on these alone.
+REPRESENTATIVES = ("resnet18", "mobilenet_v1", "mlp_adapter")
 TOL32 = 1e-5
 
 
@@ -58,6 +59,7 @@ def test_pretrained_cfg(name):
     assert not (cfg.get("url") or cfg.get("hf_hub_id") or cfg.get("file")), (
         "neusub's models have no pretrained weights"
     )
+    assert timm.list_models(f"neusub_{name}") == [f"neusub_{name}"]
     registered = timm.models.get_pretrained_cfg(f"neusub_{name}")
     assert registered.interpolation == cfg["interpolation"] and registered.mean == cfg["mean"]
     assert len(cfg["input_size"]) in (1, 3) and cfg["std"] and cfg["first_conv"]
@@ -112,7 +114,7 @@ def test_features_only_and_intermediates(name):
     x = example(model)
     with torch.no_grad():
         maps = model(x)
-        deployed = neusub.deploy(model)(x) if name in ONE_PER_BUILDER else maps
+        deployed = neusub.deploy(model)(x) if name in REPRESENTATIVES else maps
     assert len(maps) == len(info.channels()) == len(deployed) >= 2
     for out, channels, reduction, plain in zip(maps, info.channels(), info.reduction(), deployed):
         assert type(out) is Tensor and rel_err(plain, out) <= TOL32
@@ -151,6 +153,11 @@ def test_fx_tracing_and_feature_extraction(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_grad_checkpointing_changes_nothing(name):
     model = small_model(name).train()
+    if name not in REPRESENTATIVES:  # the same code as its representative's: the switch alone
+        model.set_grad_checkpointing(True)
+        assert model.grad_checkpointing
+        model.set_grad_checkpointing(False)
+        return
     x = example(model)
     state = copy.deepcopy(model.state_dict())
 
