@@ -26,7 +26,7 @@ def test_the_readme_is_a_front_page_with_the_two_quickstart_commands_first():
     lines = README.read_text().splitlines()
     assert len(lines) < 150
     commands = [block.strip() for block in _blocks(README.read_text(), "bash")]
-    demo = next(i for i, line in enumerate(lines) if line == "pip install -e \".[cli]\" && neusub demo")
+    demo = next(i for i, line in enumerate(lines) if line == 'pip install -e ".[cli]" && neusub demo')
     assert demo < 30
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in commands  # CI runs exactly the README's test command
