@@ -42,6 +42,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import fusion, stream_rules  # noqa: F401  (stream_rules registers the stream rules)
 from .bundle import GUIDED, Bundle, Probe, merge_all, probing
+from .copies import module_copy, weightless_copy
+from .cost import TrainingCost, training_cost
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .streams import check_probability
@@ -76,6 +78,21 @@ class Conversion:
     guided: bool
     starved: list[str] = field(default_factory=list)  # layers that get one stream after a merge
     notes: list[str] = field(default_factory=list)
+    example_shape: tuple[int, ...] = ()  # the probe's input, batch first
+    # The converted model without its weights (meta tensors), for the training cost: the report
+    # describes a structure, and keeps no reference to the model that trains.
+    structure: nn.Module | None = field(default=None, repr=False, compare=False)
+    _cost: TrainingCost | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def cost(self) -> TrainingCost:
+        """:func:`neusub.training_cost` of the converted model at the probe's input shape (counted
+        on first use: three forwards on meta tensors, seconds on a large model)."""
+        if self._cost is None:
+            if self.structure is None:
+                raise ValueError("this conversion keeps no structure to estimate the training cost of")
+            self._cost = training_cost(self.structure, self.example_shape[1:])
+        return self._cost
 
     def __str__(self) -> str:
         lines = [f"{len(self.layers)} re-parameterized layers ({self.connectivity} connectivity):"]
@@ -91,12 +108,24 @@ class Conversion:
         if self.starved:
             lines.append(f"after a merge, one stream reaches: {', '.join(self.starved)}")
         lines += self.notes
+        if self.structure is not None:
+            lines.append(self._cost_line())
         return "\n".join(lines)
 
     def deploy(self, model: nn.Module) -> nn.Module:
         """The plain network of ``model`` (the converted model this report belongs to): what
         :func:`neusub.deploy` returns for it, which thus needs no knowledge of conversions."""
         return deploy_converted(model)
+
+    def _cost_line(self) -> str:
+        try:
+            cost = self.cost
+        except Exception as err:  # an estimate: a forward that cannot run twice on meta tensors only loses it
+            return f"training cost: not estimated ({type(err).__name__}: {str(err)[:120]})"
+        return (
+            f"training cost (counted from the recipes and stream counts): {cost.describe(32)}, "
+            f"{cost.multiple(1):.1f}× at batch 1"
+        )
 
 
 # ---------------------------------------------------------------------- which layers
@@ -314,7 +343,9 @@ def convert(
     probe = probed.probe
     layers_done = [_analyse(model, probed, path, chosen[path]) for path in probe.layer_outputs]  # call order
     starved = probe.starved if connectivity == "ns" else []
-    conversion = Conversion(layers_done, skipped, probe.merges, connectivity, guided, starved)
+    conversion = Conversion(
+        layers_done, skipped, probe.merges, connectivity, guided, starved, example_shape=tuple(example.shape)
+    )
     if starved and on_merge == "error":
         path, op, why = probe.merges[0]
         raise ValueError(
@@ -332,6 +363,7 @@ def convert(
         if _needs_new_bias(layer)
     ]
     _attach(converted, conversion)
+    conversion.structure = weightless_copy(converted)  # a few % of the conversion's time
     if starved and on_merge == "warn":
         where = "; ".join(f"{path} ({op})" for path, op, _ in probe.merges[:4])
         layers_named = ", ".join(starved[:3]) + (", ..." if len(starved) > 3 else "")
@@ -503,35 +535,6 @@ def _example(model: nn.Module, given: Tensor | tuple | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------- probe
-
-
-def weightless_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` on the meta device, made without copying any weight."""
-    memo: dict[int, Any] = {}
-    for tensor in [*model.parameters(), *model.buffers(), *_computed_attributes(model)]:
-        meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = (
-            nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-        )
-    return copy.deepcopy(model, memo)
-
-
-def module_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, also where a module keeps a computed tensor as an attribute
-    (legacy ``torch.nn.utils.weight_norm``: its ``weight``, which ``deepcopy`` refuses); the copy
-    gets it detached, and recomputes it before its next forward, as the original does."""
-    memo = {id(t): t.detach().clone() for t in _computed_attributes(model)}
-    return copy.deepcopy(model, memo)
-
-
-def _computed_attributes(model: nn.Module) -> list[Tensor]:
-    """Tensors kept as plain module attributes that autograd computed (not leaves)."""
-    return [
-        value
-        for module in model.modules()
-        for value in vars(module).values()
-        if isinstance(value, Tensor) and not value.is_leaf
-    ]
 
 
 def _new_layer(original: nn.Module, recipe, settings: dict, in_streams: int) -> nn.Module:
