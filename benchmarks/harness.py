@@ -21,7 +21,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = (
+    Path(__file__).resolve().parent / "results"
+)  # the recorded results (tracked): written when asked
+RUNS_DIR = Path("runs/benchmarks")  # where a run writes by default, beside neusub's runs (not tracked)
 _MARK = "@@NEUSUB_BENCHMARK_RESULT@@ "
 
 

@@ -38,7 +38,8 @@ einsum) next to the whole step.
 
 Usage::
 
-    python benchmarks/layer.py                     # table + benchmarks/results/layer.json
+    python benchmarks/layer.py                     # table + runs/benchmarks/layer.json
+    python benchmarks/layer.py --out benchmarks/results/layer.json   # update the recorded results
     python benchmarks/layer.py --profile           # + where the fast path's time goes
     python benchmarks/layer.py --threads 4 --iters 20 --no-memory
 """
@@ -62,6 +63,7 @@ from neusub.reference import literal_forward
 
 VARIANTS = ("fast", "literal", "plain")
 RESULTS = harness.RESULTS_DIR / "layer.json"
+DEFAULT_OUT = harness.RUNS_DIR / "layer.json"
 
 
 # --------------------------------------------------------------------------- setups
@@ -305,7 +307,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--profile", action="store_true", help="break the fast path's time down")
     p.add_argument("--profile-iters", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS, help="JSON output (benchmarks/results/layer.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"JSON output (default {DEFAULT_OUT}; pass benchmarks/results/layer.json to update the "
+        "recorded results)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -34,8 +34,9 @@ model) and ``previous`` (``create_model`` of an earlier git revision, unpacked t
 folder and put first on the worker's ``PYTHONPATH``), so that a new path is timed against the
 old one in the same run.
 
-Results: a markdown table on stdout, and ``benchmarks/results/train_step.{json,md}``
-(``train_step_<name>.{json,md}`` with ``--only``).
+Results: a markdown table on stdout, and ``runs/benchmarks/train_step.{json,md}``
+(``train_step_<name>.{json,md}`` with ``--only``); ``--out benchmarks/results/train_step``
+updates the recorded results.
 """
 
 from __future__ import annotations
@@ -750,7 +751,7 @@ def parent_main(args: argparse.Namespace) -> None:
     text = markdown(rows, results.get(INFERENCE), results.get(GRAPHS), meta)
     print(text)
     stem = "train_step" + "".join(f"_{name}" for name in args.only or [])
-    out = Path(args.out) if args.out else harness.RESULTS_DIR / stem
+    out = Path(args.out) if args.out else harness.RUNS_DIR / stem
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "rows": rows, "workers": results}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -799,7 +800,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="STEPS",
         help="also run torch.profiler for STEPS steps in each non-baseline worker (stderr)",
     )
-    p.add_argument("--out", default=None, help="output path without suffix (default benchmarks/results/...)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output path without suffix (default runs/benchmarks/<name>; benchmarks/results/<name> "
+        "updates the recorded results)",
+    )
     p.add_argument(
         "--previous",
         default=None,

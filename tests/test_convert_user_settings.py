@@ -197,3 +197,18 @@ def test_a_failing_inplace_convert_leaves_the_model_as_it_was() -> None:
     assert getattr(model, "neusub_conversion", None) is None
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_full_backward_hook_where_streams_flow_is_refused_by_name() -> None:
+    """Its gradient would be one per stream, not the one tensor's gradient the hook expects."""
+    converted = _convert(_net())
+    converted[2].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    x = torch.randn(2, 3, 8, 8, dtype=DTYPE)
+    with pytest.raises(RuntimeError, match=r"full backward hook \(register_full_backward_hook\) on '2'"):
+        converted(x).sum().backward()
+    converted[2]._backward_hooks.clear()
+    seen = []  # a tensor hook on a merged output sees that tensor's gradient
+    output = converted(x)
+    output.register_hook(seen.append)
+    output.sum().backward()
+    assert len(seen) == 1 and torch.equal(seen[0], torch.ones_like(output))

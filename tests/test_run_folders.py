@@ -122,7 +122,7 @@ def test_foreign_folder_is_never_written(tmp_path: Path, capsys):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["--opt", "adamx"], "unknown opt 'adamx'; choose one of"),
+        (["--opt", "adamx"], "unknown opt 'adamx'; did you mean 'adamax'? choose one of"),
         (["--seed", "-1"], "--seed=-1 is out of range"),
         (["--seed", str(2**40)], f"--seed={2**40} is out of range"),
         (["--label-smoothing", "1.0"], "--label-smoothing=1.0 is out of range; use a value in [0, 1)"),

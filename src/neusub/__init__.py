@@ -33,6 +33,8 @@ _NAMES = {
     "list_recipes": "recipes",
     "register_recipe": "recipes",
     "load": "saved",
+    "training_cost": "cost",
+    "TrainingCost": "cost",
     **{
         name: "streams"
         for name in (

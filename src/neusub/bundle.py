@@ -126,7 +126,12 @@ class Bundle(Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # Reached only by ops that bypass __torch_function__: feed them the stream sums.
-        record_merge(f"aten {func}", "reached below the Python API")
+        name = getattr(getattr(func, "overloadpacket", func), "__name__", str(func))
+        record_merge(
+            f"{name} (in torch's C++ code)",
+            "called from inside another torch function, or with torch functions disabled; neusub "
+            "cannot follow the streams there, so they are summed first",
+        )
         return func(*tree_map(merge, args), **tree_map(merge, kwargs or {}))
 
 

@@ -43,6 +43,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 from . import fusion, stream_rules  # noqa: F401  (stream_rules registers the stream rules)
 from .batchnorm import is_batchnorm_act
 from .bundle import GUIDED, Bundle, Probe, merge_all, probing
+from .copies import module_copy, weightless_copy
+from .cost import TrainingCost, training_cost
 from .fx import leave_traced
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear
 from .recipes import Geometry, Recipe, as_recipe, build_branches
@@ -78,6 +80,21 @@ class Conversion:
     guided: bool
     starved: list[str] = field(default_factory=list)  # layers that get one stream after a merge
     notes: list[str] = field(default_factory=list)
+    example_shape: tuple[int, ...] = ()  # the probe's input, batch first
+    # The converted model without its weights (meta tensors), for the training cost: the report
+    # describes a structure, and keeps no reference to the model that trains.
+    structure: nn.Module | None = field(default=None, repr=False, compare=False)
+    _cost: TrainingCost | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def cost(self) -> TrainingCost:
+        """:func:`neusub.training_cost` of the converted model at the probe's input shape (counted
+        on first use: three forwards on meta tensors, seconds on a large model)."""
+        if self._cost is None:
+            if self.structure is None:
+                raise ValueError("this conversion keeps no structure to estimate the training cost of")
+            self._cost = training_cost(self.structure, self.example_shape[1:])
+        return self._cost
 
     def __str__(self) -> str:
         lines = [f"{len(self.layers)} re-parameterized layers ({self.connectivity} connectivity):"]
@@ -93,12 +110,24 @@ class Conversion:
         if self.starved:
             lines.append(f"after a merge, one stream reaches: {', '.join(self.starved)}")
         lines += self.notes
+        if self.structure is not None:
+            lines.append(self._cost_line())
         return "\n".join(lines)
 
     def deploy(self, model: nn.Module) -> nn.Module:
         """The plain network of ``model`` (the converted model this report belongs to): what
         :func:`neusub.deploy` returns for it, which thus needs no knowledge of conversions."""
         return deploy_converted(model)
+
+    def _cost_line(self) -> str:
+        try:
+            cost = self.cost
+        except Exception as err:  # an estimate: a forward that cannot run twice on meta tensors only loses it
+            return f"training cost: not estimated ({type(err).__name__}: {str(err)[:120]})"
+        return (
+            f"training cost (counted from the recipes and stream counts): {cost.describe(32)}, "
+            f"{cost.multiple(1):.1f}× at batch 1"
+        )
 
 
 # ---------------------------------------------------------------------- which layers
@@ -316,7 +345,9 @@ def convert(
     probe = probed.probe
     layers_done = [_analyse(model, probed, path, chosen[path]) for path in probe.layer_outputs]  # call order
     starved = probe.starved if connectivity == "ns" else []
-    conversion = Conversion(layers_done, skipped, probe.merges, connectivity, guided, starved)
+    conversion = Conversion(
+        layers_done, skipped, probe.merges, connectivity, guided, starved, example_shape=tuple(example.shape)
+    )
     if starved and on_merge == "error":
         path, op, why = probe.merges[0]
         raise ValueError(
@@ -334,6 +365,7 @@ def convert(
         if _needs_new_bias(layer)
     ]
     _attach(converted, conversion)
+    conversion.structure = weightless_copy(converted)  # a few % of the conversion's time
     if starved and on_merge == "warn":
         where = "; ".join(f"{path} ({op})" for path, op, _ in probe.merges[:4])
         layers_named = ", ".join(starved[:3]) + (", ..." if len(starved) > 3 else "")
@@ -465,9 +497,24 @@ class _PlainOutputs:
         output = None
         try:
             output = getattr(type(self.model), self.name)(self.model, *args, **kwargs)
+        except RuntimeError as err:
+            if "setting up backward hooks" in str(err):  # torch's words for a hook it cannot place
+                raise RuntimeError(_backward_hooks_refused(self.model)) from err
+            raise
         finally:
             output = _leave(self.model, output)
         return output
+
+
+def _backward_hooks_refused(model: nn.Module) -> str:
+    hooked = [repr(name) if name else "the model" for name, m in model.named_modules() if m._backward_hooks]
+    return (
+        f"a full backward hook (register_full_backward_hook) on {', '.join(hooked) or 'a module'}: the "
+        "module's output there is a bundle of streams, whose gradient is one per stream, not the "
+        "gradient of one tensor the hook expects, so neusub refuses it; register the hook on the "
+        "deployed network, or on the output tensor (output.register_hook) of a module after the "
+        "streams merge"
+    )
 
 
 def _example(model: nn.Module, given: Tensor | tuple | None) -> Tensor:
@@ -490,35 +537,6 @@ def _example(model: nn.Module, given: Tensor | tuple | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------- probe
-
-
-def weightless_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` on the meta device, made without copying any weight."""
-    memo: dict[int, Any] = {}
-    for tensor in [*model.parameters(), *model.buffers(), *_computed_attributes(model)]:
-        meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = (
-            nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-        )
-    return copy.deepcopy(model, memo)
-
-
-def module_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, also where a module keeps a computed tensor as an attribute
-    (legacy ``torch.nn.utils.weight_norm``: its ``weight``, which ``deepcopy`` refuses); the copy
-    gets it detached, and recomputes it before its next forward, as the original does."""
-    memo = {id(t): t.detach().clone() for t in _computed_attributes(model)}
-    return copy.deepcopy(model, memo)
-
-
-def _computed_attributes(model: nn.Module) -> list[Tensor]:
-    """Tensors kept as plain module attributes that autograd computed (not leaves)."""
-    return [
-        value
-        for module in model.modules()
-        for value in vars(module).values()
-        if isinstance(value, Tensor) and not value.is_leaf
-    ]
 
 
 def _new_layer(original: nn.Module, recipe, settings: dict, in_streams: int) -> nn.Module:

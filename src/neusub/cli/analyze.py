@@ -14,25 +14,14 @@ from pathlib import Path
 import torch
 
 from .. import analysis, deploy
-from ..models import default_recipe
 from .checkpoint import atomic_save_json, atomic_write
 from .commands import load_run_model
 from .config import TrainConfig, config_dict
 from .data import load_dataset, take_subset
 from .errors import CLIError, describe_os_error
+from .names import ANALYSES, unknown_name
+from .plots import pyplot, run_label
 from .trainer import build_model
-
-ANALYSES = ("similarity", "kernels", "block-drop", "topology", "statistics")
-
-
-def run_label(cfg: TrainConfig) -> str:
-    """``dbb ns+stoch`` / ``nsnet block`` / ``nsnet ns unguided``: how a run is named in plots and tables."""
-    label = f"{cfg.recipe or default_recipe(cfg.model)} {cfg.connectivity}"
-    if cfg.connectivity != "block" and cfg.stochastic > 0:
-        label += "+stoch" if cfg.stochastic == 1 else f"+stoch{cfg.stochastic:g}"
-    if not cfg.guided:
-        label += " unguided"
-    return label
 
 
 def val_batches(
@@ -73,7 +62,7 @@ def _analyze_one(path: str, what: str, samples: int) -> tuple[str, dict]:
 
 def cmd_analyze(paths: list[str], what: str, out: str | None, samples: int = 2000) -> dict:
     if what not in ANALYSES:
-        raise CLIError(f"unknown analysis {what!r}; choose one of {', '.join(ANALYSES)}")
+        raise CLIError(unknown_name("analysis", what, ANALYSES))
     if samples < 1:
         raise CLIError(f"--samples={samples} is out of range; use an integer >= 1")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
@@ -94,24 +83,15 @@ def cmd_analyze(paths: list[str], what: str, out: str | None, samples: int = 200
     atomic_save_json(runs, out_dir / f"{stem}.json")
     figure = PLOTS[what](runs)
     atomic_write(out_dir / f"{stem}.png", lambda handle: figure.savefig(handle, format="png", dpi=110))
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return {"json": str(out_dir / f"{stem}.json"), "png": str(out_dir / f"{stem}.png"), "runs": list(runs)}
 
 
 # ---------------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_similarity(runs: dict[str, dict]):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for i, (label, run) in enumerate(runs.items()):
         layers, style = run["layers"], dict(marker="o", ms=3, color=f"C{i}", label=label)
@@ -131,42 +111,72 @@ def _plot_similarity(runs: dict[str, dict]):
     return fig
 
 
-def _plot_kernels(runs: dict[str, dict]):
-    """One row per run for the deployed kernels, then one per branch (before fusion)."""
-    plt = _pyplot()
-    stages = sorted({s for run in runs.values() for s in run["stages"]})
-    rows = []  # (row label, run, branch or None for the fused kernel)
+def _kernel_rows(runs: dict[str, dict]) -> list[tuple[str, dict, str | None]]:
+    """``(row label, run, branch)`` per row: each run's deployed kernels (branch None), then
+    one row per branch before fusion."""
+    rows: list[tuple[str, dict, str | None]] = []
     for label, run in runs.items():
         branches = dict.fromkeys(b for stage in run["stages"].values() for b in stage["branches"])
-        rows += [(f"{label}: deployed", run, None), *((f"{label}: {b}", run, b) for b in branches)]
+        rows += [(f"{label}\ndeployed", run, None), *((f"{label}\n{b}", run, b) for b in branches)]
+    return rows
+
+
+def _kernel_map(run: dict, stage: str, branch: str | None) -> list[list[float]] | None:
+    """The map of ``branch`` (None: the deployed kernel) in ``stage``, None where there is none."""
+    entry = run["stages"].get(stage, {})
+    return entry.get("fused") if branch is None else entry.get("branches", {}).get(branch)
+
+
+def _plot_kernels(runs: dict[str, dict]):
+    """A grid of small maps, one row per (run, deployed or branch), one column per stage, on one
+    colour scale, so that maps compare by colour across the whole figure."""
+    from matplotlib.colors import PowerNorm
+
+    plt = pyplot()
+    stages = sorted({s for run in runs.values() for s in run["stages"]})
+    rows = _kernel_rows(runs)
+    kernels = [[_kernel_map(run, stage, branch) for stage in stages] for _, run, branch in rows]
+    top = max(max(map(max, k)) for row in kernels for k in row if k is not None)
+    # One scale for all; a square root spreads the shares near 1/k² (most maps) apart, which a
+    # linear scale that also shows a 1×1 branch's single 1.0 would paint alike.
+    norm = PowerNorm(0.5, vmin=0.0, vmax=top)
     fig, axes = plt.subplots(
-        len(rows), len(stages), figsize=(2.2 * len(stages), 2.1 * len(rows)), squeeze=False
+        len(rows),
+        len(stages),
+        figsize=(0.9 * len(stages) + 2.6, 0.85 * len(rows) + 0.8),
+        squeeze=False,
+        layout="constrained",
     )
-    for row, (label, run, branch) in enumerate(rows):
+    image = None
+    for row, (label, _, _) in enumerate(rows):
         for col, stage in enumerate(stages):
-            ax = axes[row][col]
+            ax, kernel = axes[row][col], kernels[row][col]
             ax.set_xticks([])
             ax.set_yticks([])
-            entry = run["stages"].get(stage, {})
-            kernel = entry.get("fused") if branch is None else entry.get("branches", {}).get(branch)
             if kernel is not None:
-                image = ax.imshow(kernel, cmap="viridis")
-                fig.colorbar(image, ax=ax, fraction=0.046)
+                image = ax.imshow(kernel, cmap="viridis", norm=norm)
+            else:  # this run has no such branch (or stage) there: say so rather than draw an empty frame
+                ax.set_frame_on(False)
+                ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=7, color="grey")
             if row == 0:
-                ax.set_title(stage, fontsize=9)
+                ax.set_title(stage, fontsize=8)
             if col == 0:
-                ax.set_ylabel(label, fontsize=7)
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.colorbar(image, ax=axes, shrink=0.5, label="share of |w| per position (square-root scale)")
     fig.suptitle(
-        "k×k kernels, deployed and per branch: mean |w| per position (each layer sums to 1)", fontsize=9
+        "k×k kernels, deployed and per branch: mean |w| per position (each map sums to 1;\n"
+        "none: no layer of the stage has that branch)",
+        fontsize=9,
     )
-    fig.tight_layout()
     return fig
 
 
 def _plot_block_drop(runs: dict[str, dict]):
-    plt = _pyplot()
+    plt = pyplot()
     blocks = [b["block"] for b in next(iter(runs.values()))["blocks"]]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(blocks)), 3.6))
+    fig, ax = plt.subplots(
+        figsize=(max(6.0, 0.9 * len(blocks)), 3.4 + 0.25 * len(runs)), layout="constrained"
+    )
     width = 0.8 / len(runs)
     for i, (label, run) in enumerate(runs.items()):
         drops = {b["block"]: 100 * b["drop"] for b in run["blocks"]}
@@ -175,41 +185,42 @@ def _plot_block_drop(runs: dict[str, dict]):
             xs,
             [drops.get(b, float("nan")) for b in blocks],
             width,
-            label=f"{label} ({100 * run['baseline']:.2f}%)",
+            label=f"{label} (validation accuracy {100 * run['baseline']:.2f}%)",
         )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(blocks))], blocks, rotation=30, fontsize=8)
     ax.set_ylabel("accuracy drop (points)")
-    ax.set_title("test accuracy lost when one residual block is removed")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_title("validation accuracy lost when one residual block is removed", fontsize=10)
+    fig.legend(fontsize=8, loc="outside lower center")  # below the bars, never over them
     return fig
 
 
 def _plot_topology(runs: dict[str, dict]):
-    plt = _pyplot()
-    label, run = next(iter(runs.items()))
-    rows = [r for r in run["layers"] if r["branches"] > 1]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    depth = range(1, len(rows) + 1)
-    for connectivity in ("naive", "ns", "block"):
-        ax.plot(depth, [r[connectivity]["pairs"] for r in rows], marker="o", ms=3, label=connectivity)
-    ax.set_yscale("log")
-    ax.set_xlabel("re-parameterized layer (depth)")
-    ax.set_ylabel("(stream, branch) pairs computed")
-    totals = run["totals"]
-    ax.set_title(
-        f"{label}: paths block {totals['paths']['block']}, branch-level 10^{totals['log10_paths']['ns']:.1f}",
-        fontsize=9,
-    )
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    """One panel per run: the (stream, branch) pairs each layer computes under each connectivity."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 3.6), sharey=True, squeeze=False)
+    for ax, (label, run) in zip(axes[0], runs.items()):
+        rows = [r for r in run["layers"] if r["branches"] > 1]
+        depth = range(1, len(rows) + 1)
+        for connectivity in ("naive", "ns", "block"):
+            ax.plot(depth, [r[connectivity]["pairs"] for r in rows], marker="o", ms=3, label=connectivity)
+        ax.set_yscale("log")
+        ax.set_xlabel("re-parameterized layer (depth)")
+        totals = run["totals"]
+        ax.set_title(
+            f"{label}: paths block {totals['paths']['block']}, branch-level "
+            f"10^{totals['log10_paths']['ns']:.1f}",
+            fontsize=9,
+        )
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("(stream, branch) pairs computed")
     fig.tight_layout()
     return fig
 
 
 def _plot_statistics(runs: dict[str, dict]):
     """Per run, σ_pooled / σ_sum per layer, averaged over branches (bars: spread over partitions)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.8))
     for i, (label, run) in enumerate(runs.items()):
         for when, style in (("init", ":"), ("trained", "-")):

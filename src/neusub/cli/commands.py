@@ -9,7 +9,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import nn
 
 from .. import check_equivalence, deploy, saved
 from ..analysis import accuracy, evaluate
+from ..cost import training_cost
+from ..models import default_recipe
 from ..saved import DataInfo, info_dict, info_from_dict
 from .checkpoint import atomic_save, atomic_save_json, atomic_write, writing
 from .config import (
@@ -29,11 +32,13 @@ from .config import (
     config_from_dict,
     read_config_file,
     read_settings_text,
+    refuse_unknown_settings,
     short_run_warnings,
 )
 from .data import load_dataset
 from .distributed import finish, setup_distributed
 from .errors import CLIError, Stopped, library_refusals, stop_code
+from .names import EXPORT_FORMATS, unknown_name
 from .plots import write_plot
 from .runfolder import ABSENT, CHECKPOINTED, CONFIG, EMPTY, FINISHED, STARTED, RunFolder
 from .trainer import Trainer, save_deployed, write_deployed
@@ -90,16 +95,23 @@ def cmd_train(
 
 
 def train(
-    options: Mapping[str, Any] | TrainConfig, progress: bool = False, stop_after: int | None = None
+    options: Mapping[str, Any] | TrainConfig,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train one run into the folder ``options["out"]`` (with ``resume``: continue it) and
     deploy it; what ``neusub train`` and ``neusub experiment`` run, callable from a notebook.
 
     ``options``: option values by name as the command line takes them (``{"dataset": "digits",
     "epochs": 3, "out": "runs/x"}``; the rest from the dataset's preset, then the defaults),
-    or a built :class:`TrainConfig`. Returns the final record (metrics, equivalence error).
-    Refusals are :class:`CLIError` with a sentence; nothing already written is lost."""
+    or a built :class:`TrainConfig`. ``progress``: what the command prints on stderr (what
+    trains and its cost, a line per epoch; a bar in a terminal or notebook). ``on_epoch``:
+    called with each epoch's record (as ``metrics.jsonl`` gets it). Returns the final record
+    (metrics, equivalence error). Refusals are :class:`CLIError` with a sentence; nothing
+    already written is lost."""
     explicit = config_dict(options) if isinstance(options, TrainConfig) else dict(options)
+    refuse_unknown_settings(explicit, "train()")
     out = check_value("out", explicit.get("out", TrainConfig.out))
     resume = bool(explicit.get("resume"))
     folder = RunFolder(out)
@@ -108,7 +120,7 @@ def train(
     if not main:
         status = _claim_run_folder(folder, resume) if resume else folder.status()
         cfg, _ = _resume_config(folder, explicit) if resume else (cfg, {})
-        return _train_in(folder, cfg, status, {}, progress, stop_after)
+        return _train_in(folder, cfg, status, {}, (progress, on_epoch), stop_after)
     _claim_run_folder(folder, resume)
     created = folder.create()
     try:
@@ -123,7 +135,7 @@ def train(
                     f"neusub: removed {len(removed)} temporary file(s) of an interrupted save",
                     file=sys.stderr,
                 )
-            return _train_in(folder, cfg, status, changes, progress, stop_after)
+            return _train_in(folder, cfg, status, changes, (progress, on_epoch), stop_after)
     except BaseException:
         if created and folder.path.is_dir() and not any(folder.path.iterdir()):
             folder.path.rmdir()  # made by this call and still empty: leave no trace
@@ -131,13 +143,22 @@ def train(
 
 
 def _train_in(
-    folder: RunFolder, cfg: TrainConfig, status: str, changes: dict, progress: bool, stop_after: int | None
+    folder: RunFolder,
+    cfg: TrainConfig,
+    status: str,
+    changes: dict,
+    reporting: tuple[bool, Callable[[dict], None] | None],
+    stop_after: int | None,
 ) -> dict:
-    """Train ``cfg`` in ``folder`` (claimed and locked by the caller on rank 0)."""
+    """Train ``cfg`` in ``folder`` (claimed and locked by the caller on rank 0); ``reporting``:
+    ``(progress, on_epoch)`` of :func:`train`."""
+    progress, on_epoch = reporting
     env = setup_distributed()
-    trainer = Trainer(cfg, folder.path, env, progress)
+    trainer = Trainer(cfg, folder.path, env, progress, on_epoch)
     if status == CHECKPOINTED:
         trainer.load(folder.checkpoint)
+    if env.main and progress:
+        print(f"neusub: {_what_trains(cfg, trainer)}", file=sys.stderr)
     if env.main:
         if status != CHECKPOINTED or changes:
             atomic_save_json(config_dict(dataclasses.replace(cfg, resume=False)), folder.config_file)
@@ -167,9 +188,24 @@ def _train_in(
         deployed = save_deployed(trainer.model, cfg, trainer.info, folder.path / "deployed.pt")
         x = next(iter(torch.utils.data.DataLoader(trainer.val_set, batch_size=64)))[0].to(env.device)
         record["equivalence_error"] = check_equivalence(trainer.model, x, deployed)
-        write_plot(folder.path)
+        write_plot(folder.path, cfg)
     finish(env)
     return record if env.main else {}
+
+
+def _what_trains(cfg: TrainConfig, trainer: Trainer) -> str:
+    """``training <model> (<recipe>, <connectivity>) on <dataset>, <n> steps: <cost>``: the first
+    line of a run, so that its cost is known before it starts."""
+    structure = f"{cfg.recipe or default_recipe(cfg.model)}, {cfg.connectivity}"
+    if cfg.connectivity != "block" and cfg.stochastic:
+        structure += f", stochastic {cfg.stochastic:g}"
+    steps = trainer.steps_per_epoch * cfg.epochs
+    head = f"training {cfg.model} ({structure}) on {cfg.dataset}, {steps} steps"
+    try:
+        cost = training_cost(trainer.model, trainer.info.input_shape)
+    except Exception:  # an estimate: a model that cannot run on meta tensors trains all the same
+        return head
+    return f"{head}: {cost.describe(cfg.batch_size)}"
 
 
 # ---------------------------------------------------------------------- loading runs
@@ -185,6 +221,7 @@ def load_run_model(path: str) -> tuple[nn.Module, TrainConfig, DataInfo, bool]:
     torchvision export (then the model is the ``torchvision.models.ResNet``). Weights that hold
     NaN or inf are refused: nothing a command computes from them would mean anything."""
     file = _checkpoint_path(path)
+    _refuse_torchscript(file)
     with library_refusals():
         ckpt = saved.read(file, saved.MODEL_FORMATS)
         settings, info = saved.settings_of(ckpt, file)
@@ -195,6 +232,22 @@ def load_run_model(path: str) -> tuple[nn.Module, TrainConfig, DataInfo, bool]:
         model = saved.model_from(ckpt, cfg, info, str(file))
         saved.refuse_non_finite(model.state_dict(), str(file))
     return model, cfg, info, ckpt["format"] != saved.CHECKPOINT_FORMAT
+
+
+def _refuse_torchscript(file: Path) -> None:
+    """A TorchScript archive (``export --format torchscript``) is named as such: running it means
+    running the code it holds, which neusub never does with a file it reads."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            scripted = any("/code/__torch__/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return  # not a zip archive: saved.read says what it is
+    if scripted:
+        raise CLIError(
+            f"{file} is a TorchScript file (`neusub export --format torchscript`), which neusub does not "
+            "read back: loading it runs the code it holds — evaluate the run folder, its deployed.pt or an "
+            "ONNX export, or load this file with torch.jit.load where you trust it"
+        )
 
 
 def _refuse_another_runs_checkpoint(run_dir: Path, cfg: TrainConfig) -> None:
@@ -348,9 +401,6 @@ def cmd_deploy(path: str, out: str) -> dict:
     }
 
 
-EXPORT_FORMATS = ("onnx", "torchvision", "torchscript")
-
-
 def _calibration_batches(cfg: TrainConfig, samples: int, batch: int = 64) -> list[torch.Tensor]:
     """``samples`` training inputs of the run (its fixed subset, without augmentation)."""
     from .data import take_subset
@@ -367,7 +417,7 @@ def cmd_export(
     from .. import export
 
     if fmt not in EXPORT_FORMATS:
-        raise CLIError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        raise CLIError(unknown_name("export format", fmt, EXPORT_FORMATS))
     if int8 and fmt != "onnx":
         raise CLIError(f"--int8 quantizes ONNX files; use --format onnx (not {fmt})")
     if int8 and calibration_samples < 1:
@@ -375,6 +425,10 @@ def cmd_export(
     model, cfg, info, deployed = load_run_model(path)
     suffix = {"onnx": ".onnx", "torchvision": ".tv.pt", "torchscript": ".ts.pt"}[fmt]
     target = Path(out) if out else _checkpoint_path(path).with_suffix(suffix)
+    if fmt == "onnx" and target.suffix != ".onnx":
+        target = target.with_name(target.name + ".onnx")
+        said = f"writing {target}: eval and neusub.load know an ONNX file by its suffix"
+        print(f"neusub: {said}", file=sys.stderr)
     quantized = target.with_name(f"{target.stem}.int8{target.suffix or '.onnx'}")
     for file in [target, quantized] if int8 else [target]:
         if file.exists():

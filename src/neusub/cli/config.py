@@ -14,13 +14,15 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..files import read_regular_file
+from . import names
 from .errors import CLIError
+from .names import did_you_mean, unknown_name
 
 # Appendix B, Table 7 (batch sizes are the paper's; override with --batch-size on small machines).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -129,40 +131,9 @@ def one_of(choices: Sequence[str] | Callable[[], Sequence[str]]) -> Check:
         allowed = choices() if callable(choices) else choices
         if value in allowed:
             return None
-        what = label.strip("-'").replace("-", " ").replace("_", " ")
-        return f"unknown {what} {value!r}; choose one of {', '.join(allowed)}"
+        return unknown_name(label.strip("-'").replace("-", " ").replace("_", " "), value, allowed)
 
     return check
-
-
-def _models() -> list[str]:
-    from ..models import list_models
-
-    return list_models()
-
-
-def _recipes() -> list[str]:
-    from ..recipes import list_recipes
-
-    return list_recipes()
-
-
-def _activations() -> list[str]:
-    from ..activations import list_activations
-
-    return list_activations()
-
-
-def _connectivities() -> tuple[str, ...]:
-    from ..layers import CONNECTIVITIES
-
-    return CONNECTIVITIES
-
-
-def _datasets() -> tuple[str, ...]:
-    from .data import DATASETS
-
-    return DATASETS
 
 
 def _optimizers() -> list[str]:
@@ -196,9 +167,11 @@ def _non_empty(label: str, value: str) -> str | None:
     return None if value.strip() else f"{label} is empty; give a folder path"
 
 
-def option(default: Any, help: str, check: Check | None = None) -> Any:
-    """A config field: its default, its ``--help`` text and the range check of its values."""
-    return field(default=default, metadata={"help": help, "check": check})
+def option(default: Any, help: str, check: Check | None = None, *, needs_torch: bool = False) -> Any:
+    """A config field: its default, its ``--help`` text and the range check of its values
+    (``needs_torch``: the check imports torch, so the command line runs it only once torch is
+    loaded; every other one runs before)."""
+    return field(default=default, metadata={"help": help, "check": check, "needs_torch": needs_torch})
 
 
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch and Python accept it too
@@ -206,11 +179,11 @@ SEED_MAX = 2**32 - 1  # numpy's seed range; torch and Python accept it too
 
 @dataclass
 class TrainConfig:
-    model: str = option("resnet18", "model name (neusub.list_models())", one_of(_models))
+    model: str = option("resnet18", "model name (neusub.list_models())", one_of(names.models))
     recipe: str | None = option(
-        None, "recipe (neusub.list_recipes()); default: the model's", one_of(_recipes)
+        None, "recipe (neusub.list_recipes()); default: the model's", one_of(names.recipes)
     )
-    connectivity: str = option("ns", "block | ns | naive", one_of(_connectivities))
+    connectivity: str = option("ns", "block | ns | naive", one_of(names.connectivities))
     stochastic: float | None = option(
         None,
         "probability of re-drawing the NS partition per step (default: 1.0 under ns, as the paper)",
@@ -219,7 +192,7 @@ class TrainConfig:
     neural_drop: float = option(
         0.0, "probability of dropping a (stream, branch) pair", between(0, 1, open_high=True)
     )
-    act: str = option("relu", "activation (guided under ns)", one_of(_activations))
+    act: str = option("relu", "activation (guided under ns)", one_of(names.activations))
     guided: bool = option(True, "guided activation: on | off (off: the paper's ablation, deploy not exact)")
     width_mult: float = option(1.0, "channel width multiplier", between(0, 8, open_low=True))
     stem: str = option("cifar", "cifar | imagenet", one_of(("cifar", "imagenet")))
@@ -228,7 +201,7 @@ class TrainConfig:
         "the paper's Appendix B hyper-parameters: cifar100 | imagenet | vlm (default: the dataset's)",
         one_of(tuple(PRESETS)),
     )
-    dataset: str = option("cifar100", "dataset name", one_of(_datasets))
+    dataset: str = option("cifar100", "dataset name", one_of(names.DATASETS))
     data: str | None = option(None, "dataset path")
     train_samples: int = option(0, "train on a fixed subset of this many samples (0: all)", at_least(0))
     val_samples: int = option(0, "validate on a fixed subset of this many samples (0: all)", at_least(0))
@@ -236,7 +209,9 @@ class TrainConfig:
     epochs: int = option(10, "training epochs", between(1, 100_000))
     batch_size: int = option(128, "batch size per process (BatchNorm needs >= 2)", between(2, 1_000_000))
     lr: float = option(3e-3, "peak learning rate", above(0))
-    opt: str = option("adamw", "timm optimizer name (adamw, lamb, sgd, ...)", one_of(_optimizers))
+    opt: str = option(
+        "adamw", "timm optimizer name (adamw, lamb, sgd, ...)", one_of(_optimizers), needs_torch=True
+    )
     weight_decay: float = option(5e-2, "weight decay", at_least(0))
     warmup_epochs: int = option(0, "linear warm-up epochs", at_least(0))
     warmup_lr: float = option(1e-5, "learning rate at the start of the warm-up", at_least(0))
@@ -245,7 +220,7 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "label smoothing", between(0, 1, open_high=True))
     auto_augment: str | None = option(None, "AutoAugment policy for CIFAR", one_of(("cifar10",)))
     rand_augment: str | None = option(
-        None, "timm RandAugment spec for imagefolder (e.g. rand-m7-mstd0.5)", _augment_spec
+        None, "timm RandAugment spec for imagefolder (e.g. rand-m7-mstd0.5)", _augment_spec, needs_torch=True
     )
     mixup: float = option(0.0, "mixup alpha", at_least(0))
     cutmix: float = option(0.0, "cutmix alpha", at_least(0))
@@ -298,9 +273,35 @@ def _describe(value: Any) -> str:
     return kind.get(type(value), f"a {type(value).__name__}")
 
 
-def check_value(name: str, value: Any, style: str = "flag") -> Any:
-    """``value`` for option ``name`` (ints accepted for floats), or a ``CLIError`` naming it."""
+_ON_OFF = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+_WRITTEN_AS = {bool: "on or off", int: "an integer (like 10)", float: "a number (like 0.003 or 3e-3)"}
+
+
+def parse_flag(name: str, text: str) -> Any:
+    """The value of ``--<name> TEXT`` in its option's type; a ``CLIError`` naming the flag when
+    TEXT is not one (argparse would print its usage and ``invalid float value``)."""
+    base, _ = FIELD_TYPES[name]
+    try:
+        return _ON_OFF[text.lower()] if base is bool else base(text)
+    except (KeyError, ValueError):
+        raise CLIError(f"--{name.replace('_', '-')} {text!r} is not {_WRITTEN_AS[base]}") from None
+
+
+def refuse_unknown_settings(names: Iterable[str], where: str) -> None:
+    """``CLIError`` naming the settings that are no option, with the closest one's name."""
+    unknown = sorted(set(names) - FIELDS)
+    if not unknown:
+        return
+    hint = next(filter(None, (did_you_mean(key, sorted(FIELDS)) for key in unknown)), "")
+    fix = hint or f" valid: {', '.join(sorted(FIELDS))}"
+    raise CLIError(f"{where}{': ' if where else ''}unknown settings {unknown};{fix}")
+
+
+def check_value(name: str, value: Any, style: str = "flag", *, before_torch: bool = False) -> Any:
+    """``value`` for option ``name`` (ints accepted for floats), or a ``CLIError`` naming it.
+    ``before_torch``: leave out the checks that import torch (the command line runs them later)."""
     label = f"--{name.replace('_', '-')}" if style == "flag" else repr(name)
+    refuse_unknown_settings([name], "")
     base, nullable = FIELD_TYPES[name]
     if value is None and nullable:
         return None
@@ -316,27 +317,29 @@ def check_value(name: str, value: Any, style: str = "flag") -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise CLIError(f"{label}={value!r} is not a finite number")
-    check = next(f for f in fields(TrainConfig) if f.name == name).metadata["check"]
+    metadata = next(f for f in fields(TrainConfig) if f.name == name).metadata
+    check = None if before_torch and metadata["needs_torch"] else metadata["check"]
     problem = check(label, value) if check else None
     if problem:
         raise CLIError(problem)
     return value
 
 
-def check_values(values: dict[str, Any], where: str, style: str = "key") -> dict[str, Any]:
-    """Every key known and every value valid; ``where`` names the source in errors."""
+def check_values(
+    values: dict[str, Any], where: str, style: str = "key", *, before_torch: bool = False
+) -> dict[str, Any]:
+    """Every key known and every value valid; ``where`` names the source in errors
+    (``before_torch``: see :func:`check_value`)."""
     if not isinstance(values, dict):
         raise CLIError(
             f"{where} must hold a table of settings (a JSON object or TOML table), not {_describe(values)}"
         )
     values = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(values) - FIELDS)
-    if unknown:
-        raise CLIError(f"{where}: unknown settings {unknown}; valid: {', '.join(sorted(FIELDS))}")
+    refuse_unknown_settings(values, where)
     checked = {}
     for key, value in values.items():
         try:
-            checked[key] = check_value(key, value, style)
+            checked[key] = check_value(key, value, style, before_torch=before_torch)
         except CLIError as err:
             raise CLIError(f"{where}: {err}") from None
     return checked
@@ -372,7 +375,8 @@ def load_toml(file: Path) -> dict[str, Any]:
         raise CLIError(f"{file} is not valid TOML ({err})") from None
 
 
-def read_config_file(path: str) -> dict[str, Any]:
+def read_config_file(path: str, *, before_torch: bool = False) -> dict[str, Any]:
+    """The settings of a JSON or TOML file, checked (``before_torch``: see :func:`check_value`)."""
     file = Path(path)
     if not file.exists():
         raise CLIError(f"config file {path} does not exist")
@@ -383,7 +387,7 @@ def read_config_file(path: str) -> dict[str, Any]:
             values = json.loads(read_settings_text(file))
         except ValueError as err:
             raise CLIError(f"config file {path} cannot be parsed ({err}); use JSON or TOML") from None
-    return check_values(values, f"config file {path}")
+    return check_values(values, f"config file {path}", before_torch=before_torch)
 
 
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:

@@ -22,8 +22,8 @@ from ..files import first_line
 from ..saved import DataInfo
 from .checkpoint import atomic_write
 from .errors import CLIError
+from .names import DATASETS, unknown_name
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "fashion-mnist", "digits", "features")
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = (
     "train-images-idx3-ubyte",
@@ -179,7 +179,7 @@ def load_dataset(
     """``(train, val, info)`` for one of :data:`DATASETS`; ``augment=False``: the training split
     with the validation transforms (e.g. INT8 calibration)."""
     if dataset not in DATASETS:
-        raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise CLIError(unknown_name("dataset", dataset, DATASETS))
     if dataset == "digits":
         return load_digits_split(seed=seed)
     if dataset == "features":

@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 
-from .analyze import run_label
 from .checkpoint import atomic_save_json, atomic_write
 from .config import FIELDS, build_config, check_values, config_dict, load_toml
 from .errors import CLIError, Stopped, describe_os_error, stop_code
+from .plots import run_label
 from .runfolder import CHECKPOINTED, FINISHED, STARTED, RunFolder, epoch_records
 
 # Fields that make the columns of the tables (how layers are connected); the rest make rows.
@@ -199,7 +199,7 @@ def run_one(name: str, settings: dict[str, Any], run_dir: str, threads: int) -> 
         record = {"equivalence_error": _equivalence_error(path)}
     else:
         flags = {**settings, "out": str(path), "resume": state == "resume"}
-        record = train({k: v for k, v in flags.items() if k in FIELDS})
+        record = train({k: v for k, v in flags.items() if k in FIELDS}, progress=False)
     # The last epoch's record (a resumed run that had finished training returns none itself).
     last = epoch_records(path)[-1]
     plain, cfg, _, _ = load_run_model(str(path / "deployed.pt"))

@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from .config import TrainConfig, config_dict
 from .data import SeededBatches, load_dataset, take_subset
 from .distributed import Dist
 from .errors import CLIError, library_refusals
-from .runfolder import METRICS
+from .runfolder import CONFIG, METRICS
 
 CHECKPOINT_KEYS = (
     "format",
@@ -75,9 +76,12 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> dict:
     for key in MODEL_FIELDS:
         was = settings.get(key, getattr(TrainConfig, key))  # a field newer than the checkpoint: its default
         if was != getattr(cfg, key):
+            # A resume takes the run's config.json, and refuses flags that change these fields
+            # before it gets here: the two files disagree, whatever the command line said.
             raise CLIError(
-                f"checkpoint {path} was trained with {key}={was!r}, not {getattr(cfg, key)!r}; "
-                "resume with the run's own settings (omit the flag) or start a new --out folder"
+                f"checkpoint {path} was trained with {key}={was!r}, but {path.parent / CONFIG} records "
+                f"{key}={getattr(cfg, key)!r}: they belong to different runs; nothing was changed — put "
+                "the run's own last.pt (or config.json) back, or start a new --out folder"
             )
     return ckpt
 
@@ -144,10 +148,18 @@ def _loss(cfg: TrainConfig, num_classes: int) -> tuple:
 class Trainer:
     """Build data, model, optimizer, schedule, loss (all from timm) and run the loop."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, env: Dist | None = None, progress: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        env: Dist | None = None,
+        progress: bool = True,
+        on_epoch: Callable[[dict], None] | None = None,
+    ):
         from timm.utils import ModelEmaV3
 
         self.cfg, self.run_dir, self.env, self.progress = cfg, run_dir, env or Dist(), progress
+        self.on_epoch = on_epoch  # called with each epoch's record, as metrics.jsonl gets it
         _seed_everything(cfg.seed)
         self.train_set, self.val_set, self.info = _datasets(cfg, self.env.world)
         self.batches = SeededBatches(self.train_set, cfg.batch_size, cfg.seed, self.env.rank, self.env.world)
@@ -158,6 +170,10 @@ class Trainer:
             )
 
         model = build_model(cfg, self.info).to(self.env.device)
+        # Before SyncBatchNorm, whose forward needs a process group and a GPU, not meta tensors.
+        find_unused = self.env.world > 1 and bool(
+            distributed.ungraded_parameters(model, self.info.input_shape)
+        )
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.env.world > 1:
@@ -169,7 +185,7 @@ class Trainer:
         use_cuda_amp = cfg.amp and self.env.device.type == "cuda"
         self.amp_dtype = torch.float16 if use_cuda_amp else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
-        self.net = distributed.wrap(model, self.env)  # what training steps call
+        self.net = distributed.wrap(model, self.env, find_unused)  # what training steps call
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.epoch, self.step, self.global_step = 0, 0, 0
@@ -324,9 +340,9 @@ class Trainer:
                 total=n,
                 initial=self.step,
                 desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                disable=not (self.progress and self.env.main and sys.stderr.isatty()),
+                disable=not (self.progress and self.env.main and _redraws_in_place()),
                 leave=False,
-            )  # a bar only on a terminal: logs stay readable
+            )
             for x, y in bar:
                 self.train_step(x, y)
                 self.step += 1
@@ -351,6 +367,8 @@ class Trainer:
             if self.ema is not None:
                 record["ema_val_acc"] = self.evaluate(self.ema.module)["val_acc"]
             self.log(record)
+            if self.on_epoch is not None and self.env.main:
+                self.on_epoch(dict(record))
             if self.progress and self.env.main:
                 tqdm.write(
                     f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
@@ -361,6 +379,12 @@ class Trainer:
             self.totals = {"loss": 0.0, "correct": 0, "count": 0}
             self.save()
         return record
+
+
+def _redraws_in_place() -> bool:
+    """A terminal or a notebook, where a progress bar redraws in place (in a log file it
+    would add a line at every step: there the per-epoch lines report progress)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def save_deployed(model: nn.Module, cfg: TrainConfig, info: DataInfo, path: Path) -> nn.Module:
