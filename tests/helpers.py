@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -20,6 +21,27 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
                 module.bias.copy_(torch.randn(n, generator=gen) * 0.2)
                 module.running_mean.copy_((torch.randn(n, generator=gen) * 0.2).to(dtype))
                 module.running_var.copy_((torch.rand(n, generator=gen) * 1.5 + 0.5).to(dtype))
+
+
+# A registered model at its smallest: width 1/8, CIFAR stem (32² images; the adapters (B, 512)).
+SMALL = {"num_classes": 5, "width_mult": 0.125, "stem": "cifar"}
+
+
+def small_model(name: str, **options) -> nn.Module:
+    """``timm.create_model(f"neusub_{name}", **SMALL, **options)`` with random BatchNorms, built
+    once per session and shared (building converts a plain network, which costs more than most
+    checks): a test that changes the model (its classifier, statistics, grads) takes a copy."""
+    return _small_model(name, tuple(sorted(options.items())))
+
+
+@functools.cache
+def _small_model(name: str, options: tuple) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(f"neusub_{name}", **{**SMALL, **dict(options)})
+    randomize_bn(model)
+    return model
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:

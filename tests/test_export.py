@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from helpers import randomize_bn
+from helpers import randomize_bn, small_model
 from timm.utils.model import reparameterize_model
 from torch import Tensor, nn
 
@@ -119,10 +119,8 @@ def test_to_torchvision_leaves_the_model_untouched():
 
 @pytest.mark.parametrize("name", [n for n in neusub.list_models() if n not in SUPPORTED_TORCHVISION])
 def test_to_torchvision_refuses_other_models(name):
-    kwargs = {"in_features": 8} if name.endswith("_adapter") else {}
-    model = neusub.create_model(name, num_classes=10, width_mult=0.125, **kwargs)
     with pytest.raises(ValueError, match="resnet18.*resnet50"):
-        to_torchvision(model)
+        to_torchvision(small_model(name))
 
 
 def test_to_torchvision_refuses_non_relu_and_foreign_models():
@@ -233,35 +231,13 @@ def test_timm_create_and_reparameterize_model():
         assert relative_error(neusub.deploy(timm_plain)(x), out) <= TOL32
 
 
-def test_timm_contract_of_registered_models():
-    model = timm.create_model("neusub_resnet18", recipe="dbb", num_classes=10, width_mult=0.125, stem="cifar")
-    assert model.pretrained_cfg["architecture"] == "resnet18" and model.default_cfg == model.pretrained_cfg
-    assert timm.data.resolve_data_config(model=model)["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
-    assert (model.num_classes, model.num_features) == (10, 64)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 64)
-        assert torch.fx.symbolic_trace(model)(x).shape == (2, 10)
-    model.reset_classifier(3)
-    assert model.get_classifier().out_features == 3
-    features = timm.create_model("neusub_resnet18", features_only=True, out_indices=(2, 4), width_mult=0.125)
-    x64 = torch.randn(1, 3, 64, 64)
+@pytest.mark.parametrize("name, channels", [("resnet18", [16, 64]), ("mobilenet_v1", [32, 128])])
+def test_timm_features_only_with_out_indices(name, channels):
+    # (the rest of timm's contract, on every model: test_timm_contract.py)
+    features = timm.create_model(f"neusub_{name}", features_only=True, out_indices=(2, 4), width_mult=0.125)
+    x = torch.randn(1, 3, 64, 64)
     deployed = neusub.deploy(features.eval())
     with torch.no_grad():
-        maps = features(x64)
-        assert [m.shape[1] for m in maps] == features.feature_info.channels() == [16, 64]
-        assert all(relative_error(a, b) <= TOL32 for a, b in zip(maps, deployed(x64)))
-
-
-def test_timm_lists_every_model():
-    listed = set(timm.list_models("neusub_*"))
-    assert {f"neusub_{name}" for name in neusub.list_models()} <= listed
-
-
-@pytest.mark.parametrize("name", neusub.list_models())
-def test_timm_create_every_model(name):
-    kwargs = {"in_features": 8} if name.endswith("_adapter") else {}
-    model = timm.create_model(f"neusub_{name}", num_classes=7, width_mult=0.125, **kwargs)
-    assert type(model) is type(neusub.create_model(name, num_classes=7, width_mult=0.125, **kwargs))
-    with pytest.raises(ValueError, match="pretrained"):
-        timm.create_model(f"neusub_{name}", pretrained=True)
+        maps = features(x)
+        assert [m.shape[1] for m in maps] == features.feature_info.channels() == channels
+        assert all(relative_error(a, b) <= TOL32 for a, b in zip(maps, deployed(x)))

@@ -285,3 +285,16 @@ def test_layer_benchmark_leaves_the_recorded_results_alone(monkeypatch):
     out = layer.parse_args([]).out.resolve()
     assert root / "results" not in out.parents  # a run's numbers go elsewhere unless asked
     assert layer.parse_args(["--out", str(layer.RESULTS)]).out == layer.RESULTS
+
+
+def test_help_lists_the_choices_and_spells_defaults_as_the_flags_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    names = ("resnet18", "mobileone_s0", "mlp_adapter", "nsnet", "qarepvgg", "fashion-mnist", "gelu_tanh")
+    for name in names:
+        assert name in text
+    assert "on | off (off: the paper's ablation, deploy not exact) (default: on)" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "statistics" in capsys.readouterr().out

@@ -18,6 +18,12 @@ from . import fusion
 BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
+def is_batchnorm_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d: a BatchNorm2d followed by its own ``drop`` and ``act`` modules
+    (told by name: timm is optional for the layers)."""
+    return type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
+
+
 def uses_batch_stats(bn: BatchNorm) -> bool:
     """``nn.BatchNorm``'s own rule: batch statistics in training mode, or when it keeps none."""
     return bn.training or bn.running_mean is None

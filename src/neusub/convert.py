@@ -42,9 +42,11 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import fusion, stream_rules  # noqa: F401  (stream_rules registers the stream rules)
+from .batchnorm import is_batchnorm_act
 from .bundle import GUIDED, Bundle, Probe, merge_all, probing
 from .copies import module_copy, weightless_copy
 from .cost import TrainingCost, training_cost
+from .fx import leave_traced
 from .layers import CONNECTIVITIES, RepConv2d, RepLinear
 from .recipes import Geometry, Recipe, as_recipe, build_branches
 from .streams import check_probability
@@ -59,7 +61,7 @@ class ConvertedLayer:
     """One re-parameterized layer and what deploying it needs."""
 
     path: str
-    recipe: str
+    recipe: str | Recipe  # a Recipe when it has options (they build the layer at install)
     in_streams: int
     original: nn.Module  # the input model's conv / linear (weightless copy: class and settings)
     norm_path: str | None = None  # the BatchNorm absorbed into the layer
@@ -498,7 +500,7 @@ def _leave(model: nn.Module, output: Any) -> Any:
         return output
     if not model.neusub_conversion.guided:
         GUIDED.set(True)
-    return merge_all(output)
+    return leave_traced(model, merge_all(output))  # leave_traced: torch.fx graphs merge too
 
 
 class _PlainOutputs:
@@ -681,7 +683,7 @@ _PASS_THROUGH = {
 def _absorbable(module: nn.Module, channels: int) -> bool:
     """Whether the layer can take the BatchNorm ``module`` into its branches: a plain, affine BN
     with running statistics, trainable, without hooks of the user's (those stay where they are)."""
-    plain = type(module) in _NORMS or _is_batchnorm_act(module)
+    plain = type(module) in _NORMS or is_batchnorm_act(module)
     return (
         plain
         and module.num_features == channels
@@ -692,14 +694,11 @@ def _absorbable(module: nn.Module, channels: int) -> bool:
     )
 
 
-def _is_batchnorm_act(module: nn.Module) -> bool:
-    """timm's BatchNormAct2d: a BatchNorm2d followed by its own ``drop`` and ``act`` modules."""
-    return type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
-
-
 def _analyse(model: nn.Module, probed: _Probed, path: str, recipe) -> ConvertedLayer:
     original = model.get_submodule(path)
-    layer = ConvertedLayer(path, as_recipe(recipe).name, probed.in_streams[path], weightless_copy(original))
+    recipe = as_recipe(recipe)
+    recipe = recipe if recipe.options else recipe.name
+    layer = ConvertedLayer(path, recipe, probed.in_streams[path], weightless_copy(original))
     output = probed.probe.layer_outputs[path]
     readers = probed.probe.readers(output)
     channels = _geometry(original).out_channels
@@ -774,7 +773,7 @@ def _replacements(model: nn.Module, spec: ConvertedLayer, settings: dict, init: 
         inherit_weights(layer, original, norm)
     if norm is None:
         return [(spec.path, layer)]
-    rest = nn.Sequential(norm.drop, norm.act) if _is_batchnorm_act(norm) else nn.Identity()
+    rest = nn.Sequential(norm.drop, norm.act) if is_batchnorm_act(norm) else nn.Identity()
     return [(spec.path, layer), (spec.norm_path, rest)]
 
 
@@ -853,7 +852,7 @@ def deploy_converted(model: nn.Module) -> nn.Module:
         module.weight.copy_(kernel.reshape(module.weight.shape))
         if spec.norm_path is not None:
             norm = _materialise(spec.norm, kernel)
-            if _is_batchnorm_act(norm):
+            if is_batchnorm_act(norm):
                 rest = plain.get_submodule(spec.norm_path)
                 norm.drop, norm.act = rest[0], rest[1]
             _identity_norm(norm, bias)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
+import torch.fx
 from torch import Tensor, nn
+
+from .batchnorm import is_batchnorm_act, running_affine
+from .fusion import fold_conv_bn
 
 
 def to_plain(module: nn.Module) -> nn.Module:
@@ -25,21 +30,93 @@ def to_plain(module: nn.Module) -> nn.Module:
     return module
 
 
-def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+def deploy(model: nn.Module, inplace: bool = False, fold_norms: bool = False) -> nn.Module:
     """The eval-mode plain network equal to ``model``'s training structure.
 
-    No BatchNorm, branch or stream logic is left; it takes the ordinary tensor
-    (the sum of the streams the training structure takes). A deep copy unless
-    ``inplace``; exact before any forward, idempotent, on any device and dtype. A model
-    made by :func:`neusub.convert` comes back as its input's class and module layout.
+    No branch or stream logic is left; it takes the ordinary tensor (the sum of the streams
+    the training structure takes). A deep copy unless ``inplace``; exact before any forward,
+    idempotent, on any device and dtype. A model made by :func:`neusub.convert` comes back as
+    its input's class and module layout, BatchNorms included: its state dict loads into that
+    class, and it trains on as an ordinary model.
+
+    ``fold_norms=True``: for inference, every BatchNorm that alone reads a conv's output is
+    folded into that conv (see :func:`fold_batch_norms`): the class stays, the state dict
+    layout does not.
     """
     conversion = getattr(model, "neusub_conversion", None)
     if conversion is not None:  # made by neusub.convert, whose report knows how to undo it
-        return conversion.deploy(model)
-    if not inplace:
-        model = copy.deepcopy(model)
-    with torch.no_grad():
-        return to_plain(model).eval()
+        plain = conversion.deploy(model)
+    else:
+        if not inplace:
+            model = copy.deepcopy(model)
+        with torch.no_grad():
+            plain = to_plain(model).eval()
+    return fold_batch_norms(plain) if fold_norms else plain
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _NormsAsLeaves(torch.fx.Tracer):
+    """Traces BatchNorm subclasses (timm's BatchNormAct2d) as one call, as torch's own BNs."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        leaf = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        return leaf or super().is_leaf_module(module, qualified_name)
+
+
+def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
+    """A plain conv (not a subclass: its forward could transform the weight) and a BatchNorm
+    with running statistics over its output channels."""
+    is_norm = type(norm) in _NORMS or is_batchnorm_act(norm)
+    return (
+        type(conv) in _CONVS
+        and is_norm
+        and norm.running_mean is not None
+        and norm.num_features == conv.out_channels
+    )
+
+
+@torch.no_grad()
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """``model`` (in place, eval mode) with every BatchNorm that alone reads the output of a
+    ``nn.Conv{1,2,3}d`` folded into it: the conv's kernel scaled per output channel and its
+    bias set (``fusion.fold_conv_bn``); the BN replaced by an ``nn.Identity`` (timm's
+    ``BatchNormAct2d`` by its dropout and activation). The same function at inference, fewer
+    layers; training it again would train without those BNs. The data flow is read from a
+    ``torch.fx`` trace; a model that cannot be traced is refused with a ``ValueError``.
+    Returns ``model``."""
+    model.eval()
+    try:
+        graph = _NormsAsLeaves().trace(model)
+    except Exception as err:  # any failure of symbolic tracing: data-dependent Python, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(
+            f"fold_norms: torch.fx cannot trace {type(model).__name__} ({first}), so which conv feeds "
+            "which BatchNorm is unknown; deploy without fold_norms (exact, BatchNorms kept)"
+        ) from None
+    calls = [node for node in graph.nodes if node.op == "call_module"]
+    uses = Counter(id(model.get_submodule(node.target)) for node in calls)
+    for node in calls:
+        norm, source = model.get_submodule(node.target), node.args[0] if len(node.args) == 1 else None
+        if node.kwargs or not isinstance(source, torch.fx.Node) or source.op != "call_module":
+            continue
+        conv = model.get_submodule(source.target)
+        once = uses[id(conv)] == uses[id(norm)] == 1 and len(source.users) == 1
+        if not (once and _foldable(conv, norm)):
+            continue
+        kernel, bias = fold_conv_bn(conv.weight, conv.bias, *running_affine(norm))
+        conv.weight = nn.Parameter(kernel.to(conv.weight.dtype), conv.weight.requires_grad)
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), conv.weight.requires_grad)
+        rest = nn.Sequential(norm.drop, norm.act) if is_batchnorm_act(norm) else nn.Identity()
+        _replace(model, node.target, rest)
+    return model
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def non_finite(state: Mapping[str, object]) -> list[str]:

@@ -75,6 +75,10 @@ class StreamModule(nn.Module):
             return self.plain(*args)
         if is_proxy(args[0]):  # torch.fx traces a stream module as one leaf call
             tracer = args[0].tracer
+            if getattr(self, "bundle_io", False):  # hands out bundles: the graph must merge them
+                from .fx import trace_bundles
+
+                trace_bundles(tracer)
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
         return self.forward_streams(*args)
 

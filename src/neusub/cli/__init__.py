@@ -15,6 +15,7 @@ import sys
 import threading
 
 from .. import __version__
+from . import names
 from .config import FIELD_TYPES, FIELDS, TrainConfig, check_value, parse_flag, read_config_file
 from .errors import CLIError, Stopped, Terminated, stop_code
 from .names import ANALYSES, DATASETS, EXPORT_FORMATS, did_you_mean, unknown_name
@@ -83,10 +84,16 @@ def _count(flag: str, minimum: int, why: str = ""):
 
 def _add_train_flags(train: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, typed from its annotation (checked there)."""
+    choices = {"model": names.models(), "recipe": names.recipes(), "act": names.activations()}
+    choices["dataset"] = DATASETS
+    shown = {True: "on", False: "off"}  # as the flags spell booleans
     for option in dataclasses.fields(TrainConfig):
         flag, text = f"--{option.name.replace('_', '-')}", option.metadata["help"]
+        if option.name in choices:
+            text += f"; one of {', '.join(choices[option.name])}"
         if option.name not in ("preset", "resume") and "default" not in text:
-            text += f" (default: {option.default})"
+            default = shown[option.default] if isinstance(option.default, bool) else option.default
+            text += f" (default: {default})"
         base, _ = FIELD_TYPES[option.name]
         if base is bool and option.default is False:
             train.add_argument(flag, action="store_true", default=None, help=text)
@@ -165,7 +172,7 @@ def build_parser() -> _Parser:
         help=calibration,
     )
 
-    ana = sub.add_parser("analyze", help="similarity, kernels, block drop or topology of runs (PNG + JSON)")
+    ana = sub.add_parser("analyze", help=f"what trained runs learned: {', '.join(ANALYSES)} (PNG + JSON)")
     ana.add_argument("runs", nargs="+", metavar="RUN_OR_CKPT", help="run folders or checkpoints (compared)")
     ana.add_argument("--what", required=True, type=_choice("analysis", ANALYSES), help=" | ".join(ANALYSES))
     ana.add_argument("--out", help="output folder (default: <first run>/analysis)")

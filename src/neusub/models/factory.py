@@ -1,28 +1,23 @@
-"""LayerFactory: builds the layers of a model for one recipe × connectivity.
+"""LayerFactory: the options of one model's re-parameterized layers (recipe × connectivity, ...).
 
-Models stay thin: they ask the factory for a re-parameterized conv, a plain conv,
-an activation, an add, ... with the stream count of the tensor at that point,
-and read back ``out_streams``. Stream counts are therefore static and known
-before any forward.
+A model builder writes its network as a plain ``nn.Module`` and hands it to
+:meth:`LayerFactory.convert` with the layers to re-parameterize; :func:`neusub.convert`
+fixes every stream count before any forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from timm.models import FeatureInfo
 from torch import nn
 
 from ..activations import activation
-from ..layers import CONNECTIVITIES, RepConv2d, RepLinear
+from ..convert import LayerSpec, convert
+from ..layers import CONNECTIVITIES
 from ..recipes import Recipe, as_recipe
-from ..streams import (
-    GuidedActivation,
-    StreamAdd,
-    StreamDropPath,
-    StreamGate,
-    StreamMerge,
-    check_probability,
-)
+from ..streams import check_probability
+from .staged import FeatureNet, Indices
 
 
 @dataclass(frozen=True)
@@ -35,6 +30,8 @@ class LayerFactory:
     neural_drop: float
     act: str
     guided: bool  # False: the paper's ablation, activations per stream (not exact)
+    features_only: bool = False  # timm's features_only: the model returns its feature maps
+    out_indices: Indices = None  # which of them (timm's convention, see staged.take_indices)
 
     def __post_init__(self) -> None:
         as_recipe(self.recipe)
@@ -46,75 +43,26 @@ class LayerFactory:
         check_probability(self.stochastic, "stochastic")
         check_probability(self.neural_drop, "neural_drop")
 
-    def rep_conv(
-        self,
-        in_ch: int,
-        out_ch: int,
-        k: int,
-        stride: int = 1,
-        groups: int = 1,
-        streams: int = 1,
-        recipe: str | Recipe | None = None,
-    ) -> RepConv2d:
-        """A re-parameterized conv of the model's recipe and connectivity."""
-        return RepConv2d(
-            in_ch,
-            out_ch,
-            k,
-            stride,
-            groups=groups,
-            recipe=recipe or self.recipe,
-            connectivity=self.connectivity,
-            in_streams=streams,
-            stochastic=self.stochastic,
-            neural_drop=self.neural_drop,
-        )
+    def features(self, model: nn.Module) -> nn.Module:
+        """``model`` as the model asked for: with ``features_only``, its :class:`FeatureNet`
+        (unless it is one already, as timm's ``features_only`` models are)."""
+        if self.features_only and not isinstance(getattr(model, "feature_info", None), FeatureInfo):
+            return FeatureNet(model, self.out_indices)
+        return model
 
-    def plain_conv(
-        self, in_ch: int, out_ch: int, k: int, stride: int = 1, groups: int = 1, streams: int = 1
-    ) -> RepConv2d:
-        """A plain conv-BN. Under branch-level connectivity it maps each stream on its own
-        (``naive`` with one branch: S streams in, S out, BN statistics over all of them)."""
-        connectivity = "naive" if streams > 1 else "block"
-        return RepConv2d(
-            in_ch,
-            out_ch,
-            k,
-            stride,
-            groups=groups,
-            recipe="plain",
-            connectivity=connectivity,
-            in_streams=streams,
-        )
-
-    def rep_linear(self, in_f: int, out_f: int, streams: int = 1) -> RepLinear:
-        return RepLinear(
-            in_f,
-            out_f,
+    def convert(self, model: nn.Module, layers: LayerSpec, example_input: tuple[int, ...]) -> nn.Module:
+        """The training structure of the plain ``model`` (as :meth:`features` gives it): the
+        layers that ``layers`` selects (a :func:`neusub.convert` policy) re-parameterized with
+        these options, freshly initialised; ``example_input``: the probe's input shape."""
+        return convert(
+            self.features(model),
             recipe=self.recipe,
             connectivity=self.connectivity,
-            in_streams=streams,
             stochastic=self.stochastic,
             neural_drop=self.neural_drop,
+            layers=layers,
+            guided=self.guided,
+            init="fresh",
+            example_input=example_input,
+            on_merge="ignore",
         )
-
-    def activation(self, streams: int) -> GuidedActivation:
-        return GuidedActivation(self.act, in_streams=streams, guided=self.guided)
-
-    def gate(self, gate: nn.Module, streams: int) -> StreamGate:
-        return StreamGate(gate, in_streams=streams)
-
-    def drop_path(self, p: float, streams: int) -> StreamDropPath:
-        return StreamDropPath(p, in_streams=streams, plain_dim=4)
-
-    def residual(self, streams: int, shortcut_streams: int) -> tuple[nn.Module, StreamAdd]:
-        """``(shortcut adapter, add)`` for a residual of ``streams`` plus a shortcut.
-
-        A shortcut whose stream count is neither 1 nor ``streams`` is merged to one
-        stream first (exact: the add is linear)."""
-        if shortcut_streams in (1, streams):
-            return nn.Identity(), StreamAdd(streams, shortcut_streams)
-        return StreamMerge(shortcut_streams, plain_dim=4), StreamAdd(streams, 1)
-
-    def merge(self, streams: int) -> StreamMerge:
-        return StreamMerge(streams, plain_dim=4)

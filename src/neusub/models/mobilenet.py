@@ -1,45 +1,36 @@
-"""MobileNetV1 (Howard et al., 2017) with re-parameterized depthwise and pointwise convs.
+"""MobileNetV1 (Howard et al., 2017): a plain network, converted with :func:`neusub.convert`.
 
-Layout: a plain 3×3/2 conv-BN (32 channels) + act, then 13 depthwise-separable blocks
-(depthwise 3×3, ``groups = C``, + act; pointwise 1×1 + act) with output channels
-64, 128, 128, 256, 256, 512 ×6, 1024, 1024 and stride 2 at the blocks to 128, 256,
-512 and the first 1024; global average pool and a linear classifier.
+Layout: a 3×3/2 conv-BN-act stem (32 channels), then 13 depthwise-separable blocks
+(depthwise 3×3 conv-BN-act, ``groups = C``; pointwise 1×1 conv-BN-act) with output channels
+64, 128, 128, 256, 256, 512 ×6, 1024, 1024, in five stages that each start with a stride-2
+block (the first, to 64 channels, has stride 1); global average pool and a linear classifier.
+No residuals, so ``drop_path_rate`` is accepted and has nothing to act on.
 
-Re-parameterized (as in the paper's Table 1): both the depthwise 3×3 and the pointwise
-1×1 layer of every block, with the model's recipe and connectivity. Plain: the stem.
-The head sums the streams. There are no residuals, so ``drop_path_rate`` is accepted
-and has nothing to act on.
+Re-parameterized (as in the paper's Table 1): both the depthwise 3×3 and the pointwise 1×1
+conv of every block, with the model's recipe and connectivity. Plain: the stem. Deployed: a
+:class:`MobileNetV1` (conv + BN; ``neusub.deploy(..., fold_norms=True)`` folds the BNs).
 
-``stem="cifar"`` (32×32 inputs): the stem has stride 1 and the first stride-2 block
-(64 → 128) keeps stride 1, so the network downsamples ×8 (32×32 → 4×4 before the
-pool) instead of ×32. ``width_mult`` scales every channel count (stem included),
-rounded to the nearest integer, at least 1.
+``stem="cifar"`` (32×32 inputs): the stem has stride 1 and so does the first block of the
+second stage (64 → 128), so the network downsamples ×8 (32×32 → 4×4 before the pool) instead
+of ×32. ``width_mult`` scales every channel count (stem included), rounded to the nearest
+integer, at least 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from torch import Tensor, nn
 
+from ..streams import Gate, SqueezeExcite
 from .factory import LayerFactory
+from .staged import StagedClassifier, act_layer, conv_norm_act, image_cfg
 
-# (output channels, stride) of the 13 depthwise-separable blocks
-MOBILENET_V1_BLOCKS: list[tuple[int, int]] = [
-    (64, 1),
-    (128, 2),
-    (128, 1),
-    (256, 2),
-    (256, 1),
-    (512, 2),
-    (512, 1),
-    (512, 1),
-    (512, 1),
-    (512, 1),
-    (512, 1),
-    (1024, 2),
-    (1024, 1),
+# (output channels, stride) of the blocks of each stage
+MOBILENET_V1_STAGES: list[list[tuple[int, int]]] = [
+    [(64, 1)],
+    [(128, 2), (128, 1)],
+    [(256, 2), (256, 1)],
+    [(512, 2)] + [(512, 1)] * 5,
+    [(1024, 2), (1024, 1)],
 ]
 
 
@@ -55,77 +46,69 @@ def check_args(stem: str, width_mult: float) -> None:
         raise ValueError(f"width_mult={width_mult!r} must be > 0")
 
 
-@contextmanager
-def layer_context(model: str, where: str) -> Iterator[None]:
-    """Re-raise a layer's construction ``ValueError`` with the model and layer it belongs to."""
-    try:
-        yield
-    except ValueError as err:
-        raise ValueError(f"{model}: cannot build {where}: {err}") from err
-
-
 class DepthwiseSeparable(nn.Module):
-    """Depthwise 3×3 (stride) + act, pointwise 1×1 + act; both re-parameterized."""
+    """Depthwise 3×3 conv-BN-[SE]-act (stride), pointwise 1×1 conv-BN-[SE]-act; no residual.
 
-    def __init__(self, f: LayerFactory, in_ch: int, out_ch: int, stride: int, streams: int, name: str):
+    ``se_ratio``: a squeeze-excite gate (reduction ``se_ratio``) after each BN, before the act."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, act: str, se_ratio: float | None = None):
         super().__init__()
-        with layer_context("mobilenet_v1", f"{name}.dw (depthwise 3×3, {in_ch} channels, stride {stride})"):
-            self.dw = f.rep_conv(in_ch, in_ch, 3, stride, groups=in_ch, streams=streams)
-        self.act_dw = f.activation(self.dw.out_streams)
-        with layer_context("mobilenet_v1", f"{name}.pw (pointwise 1×1, {in_ch} → {out_ch} channels)"):
-            self.pw = f.rep_conv(in_ch, out_ch, 1, streams=self.dw.out_streams)
-        self.act_pw = f.activation(self.pw.out_streams)
-        self.out_streams = self.pw.out_streams
+        self.conv_dw = nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False)
+        self.bn_dw = nn.BatchNorm2d(in_ch)
+        self.se_dw = Gate(SqueezeExcite(in_ch, se_ratio)) if se_ratio else nn.Identity()
+        self.act_dw = act_layer(act)
+        self.conv_pw = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+        self.bn_pw = nn.BatchNorm2d(out_ch)
+        self.se_pw = Gate(SqueezeExcite(out_ch, se_ratio)) if se_ratio else nn.Identity()
+        self.act_pw = act_layer(act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act_pw(self.pw(self.act_dw(self.dw(x))))
+        x = self.act_dw(self.se_dw(self.bn_dw(self.conv_dw(x))))
+        return self.act_pw(self.se_pw(self.bn_pw(self.conv_pw(x))))
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(StagedClassifier):
     """``(B, C, H, W) → (B, num_classes)``; ``stem="imagenet"`` (3×3/2) or ``"cifar"`` (see module doc)."""
 
     def __init__(
         self,
-        f: LayerFactory,
         num_classes: int = 1000,
         stem: str = "imagenet",
-        drop_path_rate: float = 0.0,
         width_mult: float = 1.0,
         in_chans: int = 3,
+        act: str = "relu",
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         check_args(stem, width_mult)
         cifar = stem == "cifar"
-        stem_ch = scaled(32, width_mult)
-        self.conv_stem = f.plain_conv(in_chans, stem_ch, 3, 1 if cifar else 2)
-        self.act_stem = f.activation(1)
-        streams, in_ch = 1, stem_ch
-        blocks = []
-        first_downsample = True
-        for i, (out_ch, stride) in enumerate(MOBILENET_V1_BLOCKS):
-            if stride == 2 and first_downsample:
-                first_downsample = False
-                stride = 1 if cifar else 2
-            out_ch = scaled(out_ch, width_mult)
-            blk = DepthwiseSeparable(f, in_ch, out_ch, stride, streams, f"features.{i}")
-            blocks.append(blk)
-            streams, in_ch = blk.out_streams, out_ch
-        self.features = nn.Sequential(*blocks)
-        self.merge = f.merge(streams)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_ch, num_classes)
-        self.num_features, self.out_streams = in_ch, streams
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.features(self.act_stem(self.conv_stem(x)))
-        return self.merge(x)
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(self.avgpool(x).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        in_ch = scaled(32, width_mult)
+        self.stem = conv_norm_act(in_chans, in_ch, 3, 1 if cifar else 2, act)
+        reduction, stages, self.feature_info = 1 if cifar else 2, [], []
+        for s, layout in enumerate(MOBILENET_V1_STAGES):
+            blocks = []
+            for i, (channels, stride) in enumerate(layout):
+                stride = 1 if cifar and (s, i) == (1, 0) else stride
+                out_ch, reduction = scaled(channels, width_mult), reduction * stride
+                blocks.append(DepthwiseSeparable(in_ch, out_ch, stride, act))
+                in_ch = out_ch
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append({"num_chs": in_ch, "reduction": reduction, "module": f"stages.{s}"})
+        self.stages = nn.Sequential(*stages)
+        self.init_head(in_ch, num_classes, global_pool, drop_rate)
+        self.pretrained_cfg = image_cfg(in_chans, stem, reduction)
 
 
-def build_mobilenet_v1(f: LayerFactory, **kwargs) -> MobileNetV1:
-    return MobileNetV1(f, **kwargs)
+def separable_convs(model: nn.Module) -> set[int]:
+    """Ids of the depthwise and pointwise convs of every :class:`DepthwiseSeparable` block."""
+    blocks = [m for m in model.modules() if isinstance(m, DepthwiseSeparable)]
+    return {id(conv) for block in blocks for conv in (block.conv_dw, block.conv_pw)}
+
+
+def build_mobilenet_v1(f: LayerFactory, **kwargs) -> nn.Module:
+    plain = MobileNetV1(act=f.act, **kwargs)
+    chosen = separable_convs(plain)
+    example = (1, plain.stem.conv.in_channels, 64, 64)
+    return f.convert(plain, lambda path, module: id(module) in chosen, example)

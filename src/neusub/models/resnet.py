@@ -12,8 +12,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..activations import timm_act_layer
-from ..convert import LayerSpec, convert
+from ..convert import LayerSpec
 from .factory import LayerFactory
+from .staged import image_cfg
 
 # name: cardinality (groups of the 3×3 convs); the block and depths are timm's
 RESNETS = {"resnet18": 1, "resnet34": 1, "resnet50": 1, "resnet101": 1, "resnext50_32x4d": 32}
@@ -54,6 +55,7 @@ def plain_resnet(
         **timm_kwargs,
     )
     _set_stem(model, stem, in_chans, widths[0])
+    model.pretrained_cfg = {**model.pretrained_cfg, **image_cfg(in_chans, stem, 8 if stem == "cifar" else 32)}
     return model
 
 
@@ -80,8 +82,12 @@ def _set_stem(model: nn.Module, stem: str, in_chans: int, width: int) -> None:
             nn.Conv2d(width, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
         )
     info = getattr(model, "feature_info", None)
-    if isinstance(info, list) and info:  # the stem's entry (a features_only model keeps its own)
-        info[0]["num_chs"] = width
+    info = info.info if hasattr(info, "info") else info  # a features_only model's FeatureInfo
+    for point in info or []:  # the stem's channels; without its two stride-2 ops, reductions / 4
+        if point["module"] in ("act1", "conv1", "bn1"):
+            point["num_chs"] = width
+        if stem == "cifar":
+            point["reduction"] //= 2 if point["module"] == "act1" else 4
 
 
 def build_resnet(
@@ -96,18 +102,11 @@ def build_resnet(
     **timm_kwargs,
 ) -> nn.Module:
     """The converted ResNet ``name`` (``layers``: a :func:`neusub.convert` policy; default
-    :func:`residual_kxk`). Extra keyword arguments go to ``timm.create_model`` (e.g.
-    ``features_only=True``)."""
+    :func:`residual_kxk`). Extra keyword arguments go to ``timm.create_model``; with the
+    factory's ``features_only``, timm's features model is converted."""
+    if f.features_only:  # timm's own features_only model, converted
+        timm_kwargs.update(
+            features_only=True, **({} if f.out_indices is None else {"out_indices": f.out_indices})
+        )
     plain = plain_resnet(name, num_classes, stem, f.act, drop_path_rate, width_mult, in_chans, **timm_kwargs)
-    return convert(
-        plain,
-        recipe=f.recipe,
-        connectivity=f.connectivity,
-        stochastic=f.stochastic,
-        neural_drop=f.neural_drop,
-        layers=residual_kxk if layers is None else layers,
-        guided=f.guided,
-        init="fresh",
-        example_input=(1, in_chans, 64, 64),
-        on_merge="ignore",
-    )
+    return f.convert(plain, residual_kxk if layers is None else layers, (1, in_chans, 64, 64))
