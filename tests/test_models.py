@@ -14,7 +14,9 @@ take several minutes on 2 cores, so it runs on ``FULL_GRID`` (resnet18, the firs
 variant, the MLP adapters; tiny widths, 32×32 inputs; MobileNet-V1 is built of MobileOne's
 plain block and converted the same way). Every other model runs a Latin-square subset: each
 recipe once, with the connectivity rotating with the model's index, so that each model sees
-every recipe and every connectivity; in fp32 each model runs one of two cases, alternating.
+every recipe and every connectivity, except ``SAME_BLOCKS`` (the blocks of a model that sees
+every recipe, at another depth or width): one case per connectivity. In fp32 each model runs
+one of two cases, alternating.
 
 Inputs: images ``(B, 3, 32, 32)`` with ``stem="cifar"`` for conv models; token features
 ``(B, T, D)`` for the models of ``TOKEN_MODELS``.
@@ -56,6 +58,9 @@ def _first(prefix: str) -> list[str]:
 
 
 FULL_GRID = {"resnet18", *_first("mobileone"), *TOKEN_MODELS}
+# Models built of the blocks of one that runs every recipe (resnet18, resnet50, mobileone_s0), at
+# other depths and widths: one case per connectivity, the recipes rotating from model to model.
+SAME_BLOCKS = {"resnet34", "resnet101", "mobileone_s1", "mobileone_s2", "mobileone_s3"}
 FP32_CASES = [("dbb", "ns-stoch"), ("repvgg", "block")]
 
 
@@ -64,7 +69,11 @@ def _grid() -> list:
     for i, name in enumerate(MODELS):
         for j, recipe in enumerate(RECIPES):
             for k, conn in enumerate(CONNECTIVITIES):
-                if name in FULL_GRID or (i + j) % len(CONNECTIVITIES) == k:
+                if name in SAME_BLOCKS:
+                    chosen = j == (len(CONNECTIVITIES) * i + k) % len(RECIPES)
+                else:
+                    chosen = name in FULL_GRID or (i + j) % len(CONNECTIVITIES) == k
+                if chosen:
                     cases.append(pytest.param(name, recipe, conn, id=f"{name}-{recipe}-{conn}"))
     return cases
 
