@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
@@ -59,3 +61,10 @@ def test_the_readme_examples_name_only_what_they_define(tmp_path: Path):
     ruff = [sys.executable, "-m", "ruff", "check", "--no-cache", "--isolated", "--select", "F821,F841"]
     result = subprocess.run([*ruff, *map(str, files)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("index", range(2))
+def test_the_readme_examples_run(index: int, capsys):
+    block = _blocks(README.read_text(), "python")[index]
+    exec(compile(block, f"README.md example #{index + 1}", "exec"), {})  # their asserts must hold
