@@ -86,6 +86,20 @@ def test_fold_norms_folds_only_a_bn_that_alone_reads_a_conv():
         assert rel_err(folded(x), model.eval()(x)) <= 1e-5
 
 
+def test_fold_norms_leaves_hooked_layers_as_they_are():
+    """A hook on the conv or its BatchNorm would see another tensor once the BN is folded."""
+    model = _SharedOutput()
+    randomize_bn(model)
+    seen = []
+    model.bn2.register_forward_hook(lambda module, args, out: seen.append(out))
+    folded = neusub.deploy(model, fold_norms=True)
+    assert isinstance(folded.bn2, nn.BatchNorm2d) and torch.equal(folded.conv2.weight, model.conv2.weight)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert rel_err(folded(x), model.eval()(x)) <= 1e-5
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+
+
 class _DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

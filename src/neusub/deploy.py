@@ -68,11 +68,14 @@ class _NormsAsLeaves(torch.fx.Tracer):
 
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
     """A plain conv (not a subclass: its forward could transform the weight) and a BatchNorm
-    with running statistics over its output channels."""
+    with running statistics over its output channels, neither hooked (a hook on either would
+    see another tensor, or none, once the BatchNorm is inside the conv)."""
     is_norm = type(norm) in _NORMS or is_batchnorm_act(norm)
+    hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in (conv, norm))
     return (
         type(conv) in _CONVS
         and is_norm
+        and not hooked
         and norm.running_mean is not None
         and norm.num_features == conv.out_channels
     )
