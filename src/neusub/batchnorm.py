@@ -24,6 +24,12 @@ def is_batchnorm_act(module: nn.Module) -> bool:
     return type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
 
 
+def is_plain_batchnorm(module: nn.Module) -> bool:
+    """torch's own ``BatchNorm{1,2,3}d`` (not a subclass, whose forward may differ) or timm's
+    ``BatchNormAct2d``: a BatchNorm whose running affine map is what it computes in eval."""
+    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or is_batchnorm_act(module)
+
+
 def uses_batch_stats(bn: BatchNorm) -> bool:
     """``nn.BatchNorm``'s own rule: batch statistics in training mode, or when it keeps none."""
     return bn.training or bn.running_mean is None

@@ -42,7 +42,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import fusion, stream_rules  # noqa: F401  (stream_rules registers the stream rules)
-from .batchnorm import is_batchnorm_act
+from .batchnorm import is_batchnorm_act, is_plain_batchnorm
 from .bundle import GUIDED, Bundle, Probe, merge_all, probing
 from .copies import module_copy, weightless_copy
 from .cost import TrainingCost, training_cost
@@ -668,7 +668,6 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 # ---------------------------------------------------------------------- analysis
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _PASS_THROUGH = {
     F.dropout,
     F.dropout1d,
@@ -683,9 +682,8 @@ _PASS_THROUGH = {
 def _absorbable(module: nn.Module, channels: int) -> bool:
     """Whether the layer can take the BatchNorm ``module`` into its branches: a plain, affine BN
     with running statistics, trainable, without hooks of the user's (those stay where they are)."""
-    plain = type(module) in _NORMS or is_batchnorm_act(module)
     return (
-        plain
+        is_plain_batchnorm(module)
         and module.num_features == channels
         and module.affine
         and module.track_running_stats

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .batchnorm import is_batchnorm_act, running_affine
+from .batchnorm import is_batchnorm_act, is_plain_batchnorm, running_affine
 from .fusion import fold_conv_bn
 
 
@@ -55,7 +55,6 @@ def deploy(model: nn.Module, inplace: bool = False, fold_norms: bool = False) ->
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _NormsAsLeaves(torch.fx.Tracer):
@@ -70,11 +69,10 @@ def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
     """A plain conv (not a subclass: its forward could transform the weight) and a BatchNorm
     with running statistics over its output channels, neither hooked (a hook on either would
     see another tensor, or none, once the BatchNorm is inside the conv)."""
-    is_norm = type(norm) in _NORMS or is_batchnorm_act(norm)
     hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in (conv, norm))
     return (
         type(conv) in _CONVS
-        and is_norm
+        and is_plain_batchnorm(norm)
         and not hooked
         and norm.running_mean is not None
         and norm.num_features == conv.out_channels
